@@ -1,0 +1,26 @@
+# The README's commands. Each first runs `setup`, which builds .venv once: a stamp named after a hash
+# of the files that define the environment makes every later run skip all installs.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+ENV_FILES := setup.py tools/install_detectron2.py
+ENV_HASH := $(shell cat $(ENV_FILES) | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(ENV_HASH)
+
+.PHONY: setup test demo
+setup: $(STAMP)
+
+$(STAMP):
+	@rm -f $(VENV)/.installed-*
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "setuptools<81" wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) tools/demo.py

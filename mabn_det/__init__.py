@@ -1,0 +1,16 @@
+"""mabn_det: Moving Average Batch Normalization (Yan et al., ICLR 2020) for Detectron2.
+
+Importing the package registers its backbones and ROI heads in Detectron2's registries.
+"""
+try:
+    import detectron2  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "mabn_det needs Detectron2, which is not on PyPI. From a mabn_det checkout run "
+        "`make setup` (everything) or `python tools/install_detectron2.py` (Detectron2 alone, into "
+        "the current environment); or install your own build of detectron2."
+    ) from e
+
+from .layers import MABN2d, WeightCentredConv2d, convert_to_inference_form
+
+__all__ = ["MABN2d", "WeightCentredConv2d", "convert_to_inference_form"]

@@ -1,0 +1,74 @@
+"""Inference form: a model with no mabn_det class left, loadable by stock Detectron2."""
+import copy
+
+import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from torch import nn
+
+from .cen_conv import WeightCentredConv2d
+from .mabn import MABN2d
+
+__all__ = ["convert_to_inference_form"]
+
+
+def _frozen_bn_from(mabn: MABN2d) -> FrozenBatchNorm2d:
+    frozen = FrozenBatchNorm2d(mabn.num_features, eps=mabn.eps)
+    frozen.weight.copy_(mabn.weight.detach())
+    frozen.bias.copy_(mabn.bias.detach())
+    frozen.running_mean.zero_()
+    frozen.running_var.copy_(mabn.running_var)
+    return frozen.to(mabn.weight.device)
+
+
+def _replace_mabn(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, MABN2d):
+            setattr(module, name, _frozen_bn_from(child))
+        else:
+            _replace_mabn(child)
+
+
+def _fold_frozen_bn_(conv: Conv2d) -> None:
+    """conv → norm becomes one conv: W·s, b·s + (β − μ·s) with s = γ/√(σ²+ε) per output channel."""
+    norm = conv.norm
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(shift.clone())
+    else:
+        conv.bias.mul_(scale).add_(shift)
+    conv.norm = None
+
+
+@torch.no_grad()
+def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
+                              inplace: bool = False) -> nn.Module:
+    """Turn every MABN2d into Detectron2's FrozenBatchNorm2d and every weight-centred conv into a
+    plain Detectron2 Conv2d holding its centred weights.
+
+    Eval outputs are unchanged: MABN at inference is the per-channel affine map
+    γ·x/√(running_var+ε) + β, i.e. FrozenBatchNorm2d with running_mean 0. Module identity of the convs
+    is kept (their class is swapped), so containers that hold them in plain lists keep working.
+
+    Args:
+        model: any module; only MABN2d and WeightCentredConv2d instances are changed.
+        fold_into_conv: also fold each such FrozenBatchNorm2d into the Conv2d that feeds it, leaving
+            a conv with a bias and no norm (fastest; the state dict no longer matches a FrozenBN model).
+        inplace: modify `model` itself instead of a deep copy.
+
+    Returns:
+        The converted model.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, WeightCentredConv2d):
+            m.weight.copy_(m.centred_weight())
+            m.__class__ = Conv2d
+    _replace_mabn(model)
+    if fold_into_conv:
+        for m in model.modules():
+            if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d):
+                _fold_frozen_bn_(m)
+    return model

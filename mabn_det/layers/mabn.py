@@ -1,0 +1,255 @@
+"""Moving Average Batch Normalization (Yan et al., ICLR 2020, arXiv 2001.06838).
+
+MABN normalises by the second moment χ = mean(x²) (no mean subtraction: the conv before it is
+weight-centred) and replaces both the forward statistic χ and the backward statistic ψ = mean(g·ẑ) by
+simple moving averages over the last ``buffer_size`` steps. With ``buffer_size = m`` and 2 images per
+GPU the layer sees the statistics of 2·m images, which is what makes small-batch training stable.
+
+Everything is computed with tensor ops on the layer's own buffers: no `.item()`, no Python branch on a
+tensor value, so a training step never waits for the device.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MABN2d", "check_mabn_hyperparameters"]
+
+
+def check_mabn_hyperparameters(
+    *,
+    buffer_size: int,
+    warmup_iters: int,
+    renorm_warmup_iters: int,
+    renorm_clip: float,
+    momentum: float,
+    eps: float,
+    name_of: Callable[[str], str] = str,
+) -> None:
+    """Raise ValueError naming the first invalid hyper-parameter.
+
+    Args:
+        name_of: maps an argument name to the name shown in the message (e.g. a config key).
+    """
+    rules = [
+        ("buffer_size", buffer_size, buffer_size >= 1, "≥ 1"),
+        ("warmup_iters", warmup_iters, warmup_iters >= 0, "≥ 0"),
+        ("renorm_warmup_iters", renorm_warmup_iters, renorm_warmup_iters >= 0, "≥ 0"),
+        ("renorm_clip", renorm_clip, renorm_clip >= 1.0, "≥ 1 (r is clipped to [1/clip, clip])"),
+        ("momentum", momentum, 0.0 < momentum <= 1.0, "in (0, 1]"),
+        ("eps", eps, eps > 0.0, "> 0"),
+    ]
+    for arg, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{name_of(arg)} must be {expected}, got {value!r}")
+
+
+def channel_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel Σ a·b and Σ a over (N, H, W), accumulated in float32 (float64 for float64 inputs).
+
+    Batch norm's backward reduction computes exactly these two sums in one fused pass over memory,
+    in either memory format, accumulating half-precision inputs in float32 so that fp16 values near
+    6e4 do not overflow; with mean 0 and inverse std 1 it returns them unchanged.
+
+    Args:
+        a, b: tensors of shape (N, C, H, W) and the same dtype.
+
+    Returns:
+        Two tensors of shape (C,).
+    """
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    ones = torch.ones(a.shape[1], dtype=acc_dtype, device=a.device)
+    zeros = torch.zeros_like(ones)
+    _, sum_ab, sum_a = torch.ops.aten.native_batch_norm_backward(
+        a, b, ones, None, None, zeros, ones, True, 0.0, [False, True, True]
+    )
+    return sum_ab, sum_a
+
+
+def _as_channel_map(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+class _MABNFunction(torch.autograd.Function):
+    """y = γ·r·x/√(s²+ε) + β with MABN's averaged backward.
+
+    The forward statistics (s², r) are inputs computed by the module; the backward computes ψ,
+    records it in the backward ring and uses the ring's average once the warm-up is over.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, renorm, use_batch_stats, psi_buffer, slot, skip_counter,
+                zero_mean, eps):
+        # Eval-mode batch norm with mean 0 and variance s² is the affine map γ·r·x/√(s²+ε) + β in a
+        # single fused pass that keeps x's dtype and memory format.
+        y = F.batch_norm(x, zero_mean, var, weight * renorm, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, var, renorm, use_batch_stats, slot)
+        # Module buffers written by the backward: kept by reference, outside autograd's
+        # saved-tensor version checks.
+        ctx.psi_buffer, ctx.skip_counter = psi_buffer, skip_counter
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, var, renorm, use_batch_stats, slot = ctx.saved_tensors
+        psi_buffer = ctx.psi_buffer
+        sum_dy_x, sum_dy = channel_sums(grad_out, x)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        grad_scale = weight * renorm * inv_std  # dy → g/σ
+        # ψ = mean(g·ẑ) = γ·r/σ · mean(dy·x)
+        psi = grad_scale * sum_dy_x / (x.numel() // x.shape[1])
+        record_finite_(psi_buffer, slot, psi, ctx.skip_counter)
+        psi_bar = torch.where(use_batch_stats, psi, psi_buffer.mean(0))
+        # dx = (g − ẑ·ψ̄)/σ = (γ·r/σ)·dy − (ψ̄/σ²)·x
+        grad_x = grad_out * _as_channel_map(grad_scale).to(grad_out.dtype)
+        grad_x.addcmul_(x, _as_channel_map(psi_bar * inv_std * inv_std).to(x.dtype), value=-1)
+        grad_weight = renorm * inv_std * sum_dy_x
+        return (grad_x, grad_weight.to(weight.dtype), sum_dy.to(weight.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def record_finite_(ring: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
+                   skip_counter: torch.Tensor) -> None:
+    """Write `value` into row `slot` of `ring`, keeping the old entry of every non-finite channel.
+
+    Args:
+        ring: (m, C) buffer, updated in place.
+        slot: (1,) int64 row index.
+        value: (C,) new statistic.
+        skip_counter: () int64, incremented in place when any channel of `value` is not finite.
+    """
+    finite = torch.isfinite(value)
+    kept = torch.where(finite, value.to(ring.dtype), ring.index_select(0, slot)[0])
+    ring.index_copy_(0, slot, kept.unsqueeze(0))
+    skip_counter.add_(~finite.all())
+
+
+class MABN2d(nn.Module):
+    """Moving Average Batch Normalization over (N, C, H, W) inputs.
+
+    Training step t (counted from 1, per channel, reductions over N, H, W):
+
+    - χ = mean(x²) goes into slot t mod m of a forward ring; s² = χ while t ≤ m or t < warmup_iters,
+      else the ring's mean.
+    - ẑ = x/√(s²+ε); y = γ·r·ẑ + β with r = 1 while t ≤ max(renorm_warmup_iters, warmup_iters), else
+      clip(√(s²+ε)/√(running_var+ε), 1/renorm_clip, renorm_clip), a constant for autograd.
+    - running_var ← (1 − momentum)·running_var + momentum·s².
+    - Backward: g = dy·γ·r; ψ = mean(g·ẑ) goes into a backward ring and is averaged like χ;
+      dx = (g − ẑ·ψ̄)/√(s²+ε).
+
+    Eval mode applies y = γ·x/√(running_var+ε) + β, a per-channel affine map. A non-finite χ or ψ
+    (NaN input, AMP's overflowing gradients) never enters a ring or running_var; the
+    ``skipped_forward_stats`` / ``skipped_backward_stats`` counters record it. An empty batch changes
+    no buffer.
+
+    Args:
+        num_features: C, the number of channels.
+        buffer_size: m, the number of steps averaged (the paper's detection setup uses 16).
+        warmup_iters: steps that use the current batch's statistics before averaging starts.
+        renorm_warmup_iters: steps before batch renormalisation (r ≠ 1) starts.
+        renorm_clip: r is clipped to [1/renorm_clip, renorm_clip].
+        momentum: PyTorch convention, running = (1 − momentum)·running + momentum·new.
+        eps: added to the second moment before the square root.
+    """
+
+    def __init__(self, num_features: int, *, buffer_size: int = 16, warmup_iters: int = 100,
+                 renorm_warmup_iters: int = 1000, renorm_clip: float = 5.0,
+                 momentum: float = 0.02, eps: float = 1e-5):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be ≥ 1, got {num_features!r}")
+        check_mabn_hyperparameters(
+            buffer_size=buffer_size, warmup_iters=warmup_iters,
+            renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip,
+            momentum=momentum, eps=eps,
+        )
+        self.num_features = num_features
+        self.buffer_size = buffer_size
+        self.warmup_iters = warmup_iters
+        self.renorm_warmup_iters = renorm_warmup_iters
+        self.renorm_clip = float(renorm_clip)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("chi_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("skipped_forward_stats", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_backward_stats", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_zero_mean", torch.zeros(num_features), persistent=False)
+        # The last training step's r, (C,), kept by reference for diagnostics; not state.
+        self.last_renorm: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (N, C, H, W). Returns: (N, C, H, W), x's dtype."""
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"MABN2d expects input of shape (N, {self.num_features}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        if not self.training:
+            return F.batch_norm(x, self._zero_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        if x.numel() == 0:
+            # An empty batch (a mask head with no foreground RoIs) holds no statistics.
+            return (x * _as_channel_map(self.weight).to(x.dtype)
+                    + _as_channel_map(self.bias).to(x.dtype))
+        return self._train_forward(x)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.iteration.add_(1)
+        t = self.iteration
+        slot = torch.remainder(t, self.buffer_size).view(1)
+        stats_x = x.detach()
+        sum_sq, _ = channel_sums(stats_x, stats_x)
+        chi = sum_sq / (x.numel() // self.num_features)
+        record_finite_(self.chi_buffer, slot, chi, self.skipped_forward_stats)
+
+        use_batch_stats = (t <= self.buffer_size) | (t < self.warmup_iters)
+        var = torch.where(use_batch_stats, chi, self.chi_buffer.mean(0).to(chi.dtype))
+        running_var = self.running_var.to(var.dtype)
+        ratio = torch.sqrt((var + self.eps) / (running_var + self.eps))
+        renorm_started = t > max(self.renorm_warmup_iters, self.warmup_iters)
+        renorm = torch.where(
+            renorm_started, ratio.clamp(1.0 / self.renorm_clip, self.renorm_clip), 1.0
+        )
+        updated = torch.where(torch.isfinite(var), running_var.lerp(var, self.momentum),
+                              running_var)
+        self.running_var.copy_(updated)
+        self.last_renorm = renorm
+
+        return _MABNFunction.apply(
+            x, self.weight, self.bias, var, renorm, use_batch_stats, self.psi_buffer, slot,
+            self.skipped_backward_stats, self._zero_mean.to(var.dtype), self.eps,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        ring = state_dict.get(prefix + "chi_buffer")
+        if ring is not None and ring.shape[0] != self.buffer_size:
+            error_msgs.append(
+                f"{prefix}: checkpoint has MABN buffer_size {ring.shape[0]}, this module has "
+                f"buffer_size {self.buffer_size}; build the model with the checkpoint's size"
+            )
+            return
+        if prefix + "iteration" in state_dict and ring is None:
+            # Detectron2's checkpointer drops tensors whose shape differs before loading; a step
+            # counter without its rings would average zeros after the warm-up.
+            error_msgs.append(
+                f"{prefix}: checkpoint has an MABN step counter but no {prefix}chi_buffer "
+                f"(was it saved with a buffer_size other than {self.buffer_size}?)"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, buffer_size={self.buffer_size}, "
+                f"warmup_iters={self.warmup_iters}, "
+                f"renorm_warmup_iters={self.renorm_warmup_iters}, renorm_clip={self.renorm_clip}, "
+                f"momentum={self.momentum}, eps={self.eps}")

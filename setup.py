@@ -1,0 +1,30 @@
+"""mabn_det: Moving Average Batch Normalization (Yan et al., ICLR 2020) for Detectron2.
+
+Detectron2 itself is not on PyPI and is therefore not listed below; `make setup` (or
+`python tools/install_detectron2.py`) installs it when it is missing.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mabn_det",
+    version="0.1.0",
+    description="Moving Average Batch Normalization for Detectron2: small-batch detection "
+    "training without cross-GPU synchronisation",
+    packages=find_packages(exclude=("configs", "tests", "tests.*")),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        # Detectron2 imports these without declaring them.
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "numpy<2",
+        "matplotlib",
+        "tqdm",
+        "tensorboard",
+        # Natural photographs used as backgrounds of the synthetic shapes set.
+        "scikit-image",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout", "onnx"]},
+)
