@@ -1,0 +1,327 @@
+"""Small-batch normalisation on Fashion-MNIST: BN@32 vs BN@2 vs GN@2 vs MABN@2, on CPU.
+
+A CPU-sized proxy of the claim of Yan et al. (ICLR 2020): when each normalisation layer only sees
+2 images, batch norm degrades and group norm does not recover it, while MABN -- second-moment
+normalisation with statistics averaged over the last ``buffer_size`` micro-batches, after
+weight-centred convs -- gets back to the accuracy of batch norm over 32 images.
+
+Every arm trains the same 5-conv net (conv → norm → ReLU, global average pool, linear) with the same
+data order, initialisation and schedule: SGD momentum 0.9, optimizer batch 32, lr 0.1 with a linear
+warm-up over the first 5 % of steps then cosine decay, weight decay 1e-4. Only the norm differs:
+
+- ``BN@32``: BatchNorm2d, one batch of 32 per optimizer step.
+- ``BN@2``: BatchNorm2d, 16 micro-batches of 2 with gradient accumulation per step (what 16 devices
+  holding 2 images each would do without synchronised BN).
+- ``GN@2``: GroupNorm with 8 groups, same 16 × 2 schedule.
+- ``MABN@2``: MABN2d after WeightCentredConv2d (the first conv included), same 16 × 2 schedule.
+  MABN counts micro-batches, so its hyper-parameters are in micro-steps: buffer_size 16 (statistics
+  of 16 × 2 = 32 images), warm-up and renormalisation warm-up over the first 5 % and 10 % of the
+  run's micro-steps (752 and 1504 at the default 0.5 epoch, i.e. 47 and 94 optimizer steps),
+  renorm_clip 5, momentum 0.02.
+
+Accuracy is measured in eval mode on the 10k test images. Each (arm, seed) runs in its own process
+with one thread, two processes at a time.
+
+Data: the Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
+
+Run (about 20 minutes on 2 cores)::
+
+    .venv/bin/python benchmarks/fashion_mnist_norms.py                 # 4 arms × 2 seeds, 0.5 epoch
+    .venv/bin/python benchmarks/fashion_mnist_norms.py --quick         # smoke test: 0.05 epoch, 1 seed
+    .venv/bin/python benchmarks/fashion_mnist_norms.py --arms BN@2 MABN@2 --seeds 3 --epochs 1
+
+Writes ``OUT/results.md`` (Markdown table), ``OUT/results.json`` (per-run results) and
+``OUT/accuracy.png`` (bar chart with the standard deviation over seeds), ``OUT`` from ``--out``.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d
+from torch import nn
+
+from mabn_det.layers import MABN2d, WeightCentredConv2d
+
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+TRAIN_SIZE = 60_000
+OPTIMIZER_BATCH = 32
+ARM_NORM_BATCH = {"BN@32": 32, "BN@2": 2, "GN@2": 2, "MABN@2": 2}
+GN_GROUPS = 8
+# Net widths: (out_channels, stride) per conv; two stride-2 convs take 28×28 to 7×7.
+CONV_PLAN = ((16, 1), (32, 2), (32, 1), (64, 2), (64, 1))
+BASE_LR, MOMENTUM, WEIGHT_DECAY, WARMUP_FRACTION = 0.1, 0.9, 1e-4, 0.05
+MABN_BUFFER, MABN_WARMUP_FRACTION, MABN_RENORM_FRACTION = 16, 0.05, 0.10
+MABN_CLIP, MABN_MOMENTUM = 5.0, 0.02
+EVAL_BATCH = 500
+# Pixel statistics of the Fashion-MNIST training set, so the first conv sees zero-mean inputs.
+PIXEL_MEAN, PIXEL_STD = 0.286, 0.353
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped idx file (the MNIST format: magic with the rank, big-endian dims, uint8 data).
+
+    Raises:
+        ValueError: if the file is not an unsigned-byte idx file or its size does not match its header.
+    """
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, rank = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (header {raw[:4].hex()})")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank)
+    if data.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} ({math.prod(dims)} bytes), has {data.size}")
+    return data.reshape(dims)
+
+
+@lru_cache(maxsize=1)
+def load_split(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Load ``train`` or ``t10k`` as normalised (N, 1, 28, 28) float images and int64 labels."""
+    images = read_idx(DATA_DIR / f"{split}-images-idx3-ubyte.gz")
+    labels = read_idx(DATA_DIR / f"{split}-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return (x - PIXEL_MEAN) / PIXEL_STD, torch.from_numpy(labels.astype(np.int64))
+
+
+def mabn_iters(total_micro_steps: int) -> Tuple[int, int]:
+    """MABN warm-up and renorm warm-up, in micro-steps, as fixed fractions of the run's length."""
+    return (round(MABN_WARMUP_FRACTION * total_micro_steps),
+            round(MABN_RENORM_FRACTION * total_micro_steps))
+
+
+def make_conv(arm: str, c_in: int, c_out: int, stride: int, total_micro_steps: int) -> Conv2d:
+    """A 3×3 conv → norm → ReLU block with the norm of ``arm`` (no conv bias: the norm has one)."""
+    kwargs = dict(kernel_size=3, stride=stride, padding=1, bias=False, activation=nn.ReLU())
+    if arm.startswith("BN@"):
+        return Conv2d(c_in, c_out, norm=nn.BatchNorm2d(c_out), **kwargs)
+    if arm == "GN@2":
+        return Conv2d(c_in, c_out, norm=nn.GroupNorm(GN_GROUPS, c_out), **kwargs)
+    warmup, renorm_warmup = mabn_iters(total_micro_steps)
+    # MABN drops the mean subtraction, which is only safe after a weight-centred conv.
+    norm = MABN2d(c_out, buffer_size=MABN_BUFFER, warmup_iters=warmup,
+                  renorm_warmup_iters=renorm_warmup, renorm_clip=MABN_CLIP, momentum=MABN_MOMENTUM)
+    return WeightCentredConv2d(c_in, c_out, norm=norm, **kwargs)
+
+
+def build_net(arm: str, total_micro_steps: int) -> nn.Sequential:
+    """The 5-conv net shared by all arms; ``arm`` only chooses the norm."""
+    layers, c_in = [], 1
+    for c_out, stride in CONV_PLAN:
+        conv = make_conv(arm, c_in, c_out, stride, total_micro_steps)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        layers.append(conv)
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+
+
+def lr_at(step: int, total_steps: int) -> float:
+    """Linear warm-up over the first WARMUP_FRACTION of steps, then cosine decay to 0."""
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return BASE_LR * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return BASE_LR * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               norm_batch: int) -> float:
+    """One optimizer step over (x, y), split into micro-batches of ``norm_batch``; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for xs, ys in zip(x.split(norm_batch), y.split(norm_batch)):
+        # Summed per-image losses over the batch size: the gradient of the mean over all 32 images.
+        loss = F.cross_entropy(net(xs), ys, reduction="sum") / len(x)
+        loss.backward()
+        total += loss.item()
+    opt.step()
+    return total
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module) -> float:
+    """Top-1 accuracy (%) of ``net`` in eval mode on the 10k test images."""
+    net.eval()
+    x, y = load_split("t10k")
+    correct = sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in
+                  zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)))
+    return 100.0 * correct / len(y)
+
+
+def run_one(arm: str, seed: int, epochs: float) -> Dict:
+    """Train one (arm, seed) with one thread and return its result record."""
+    torch.set_num_threads(1)
+    start = time.time()
+    steps = int(epochs * TRAIN_SIZE / OPTIMIZER_BATCH)
+    norm_batch = ARM_NORM_BATCH[arm]
+    micro_steps = steps * (OPTIMIZER_BATCH // norm_batch)
+    x, y = load_split("train")
+    # The seed alone fixes the data order and the initial weights, so the arms see the same of both.
+    order = torch.randperm(TRAIN_SIZE, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    net = build_net(arm, micro_steps)
+    opt = torch.optim.SGD(net.parameters(), lr=BASE_LR, momentum=MOMENTUM,
+                          weight_decay=WEIGHT_DECAY)
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps)
+        idx = order[(step * OPTIMIZER_BATCH) % TRAIN_SIZE:][:OPTIMIZER_BATCH]
+        losses.append(train_step(net, opt, x[idx], y[idx], norm_batch))
+    return {"arm": arm, "seed": seed, "norm_batch": norm_batch, "optimizer_batch": OPTIMIZER_BATCH,
+            "steps": steps, "accuracy": evaluate(net),
+            "final_train_loss": statistics.fmean(losses[-50:]), "seconds": time.time() - start}
+
+
+def run_all(arms: List[str], seeds: int, epochs: float, workers: int) -> List[Dict]:
+    """Run every (arm, seed), ``workers`` processes at a time, logging each finished run."""
+    jobs = [(arm, seed, epochs) for seed in range(seeds) for arm in arms]
+    results, start = [], time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(run_one, *job) for job in jobs]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            r = future.result()
+            results.append(r)
+            print(f"[{done}/{len(jobs)} {time.time() - start:6.0f}s] {r['arm']:7s} seed {r['seed']}:"
+                  f" acc {r['accuracy']:.2f} %, train loss {r['final_train_loss']:.3f},"
+                  f" {r['seconds']:.0f}s", flush=True)
+    return sorted(results, key=lambda r: (arms.index(r["arm"]), r["seed"]))
+
+
+def summarise(results: List[Dict], arms: List[str]) -> List[Dict]:
+    """Per-arm mean and standard deviation of accuracy over seeds (std 0 for a single seed)."""
+    rows = []
+    for arm in arms:
+        accs = [r["accuracy"] for r in results if r["arm"] == arm]
+        rows.append({"arm": arm, "norm_batch": ARM_NORM_BATCH[arm], "accs": accs,
+                     "mean": statistics.fmean(accs),
+                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+    return rows
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| arm | norm batch | optimizer batch | accuracy % (mean ± std) | per seed |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        per_seed = ", ".join(f"{a:.2f}" for a in row["accs"])
+        lines.append(f"| {row['arm']} | {row['norm_batch']} | {OPTIMIZER_BATCH} |"
+                     f" {row['mean']:.2f} ± {row['std']:.2f} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: Path) -> None:
+    """Bar chart of mean accuracy per arm with the std over seeds as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a benchmark machine
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    means = [r["mean"] for r in rows]
+    ax.bar([r["arm"] for r in rows], means, yerr=[r["std"] for r in rows], capsize=6,
+           color="#4c72b0")
+    ax.set_ylim(min(means) - 5, max(means) + 3)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, optimizer batch 32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> str:
+    """Command, date, host, CPU and library versions, for reproducibility."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return "\n".join([
+        f"command: {shlex.join([sys.executable] + sys.argv)}",
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"host: {socket.gethostname()}, CPU: {cpu}, {os.cpu_count()} cores",
+        f"python {platform.python_version()}, torch {torch.__version__}",
+    ])
+
+
+def settings(epochs: float, arms: List[str]) -> str:
+    """The shared schedule and the MABN hyper-parameters of this run."""
+    steps = int(epochs * TRAIN_SIZE / OPTIMIZER_BATCH)
+    warmup, renorm_warmup = mabn_iters(steps * OPTIMIZER_BATCH // 2)
+    text = (f"schedule: {epochs} epoch = {steps} optimizer steps of {OPTIMIZER_BATCH}, SGD momentum "
+            f"{MOMENTUM}, lr {BASE_LR} (warm-up {WARMUP_FRACTION:.0%}, cosine), wd {WEIGHT_DECAY}, "
+            f"{len(CONV_PLAN)} convs {[c for c, _ in CONV_PLAN]}, GN groups {GN_GROUPS}")
+    if "MABN@2" in arms:
+        text += (f"\nMABN2d: buffer_size {MABN_BUFFER}, warmup_iters {warmup}, renorm_warmup_iters "
+                 f"{renorm_warmup} (micro-steps of 2 images), renorm_clip {MABN_CLIP}, "
+                 f"momentum {MABN_MOMENTUM}; all convs weight-centred")
+    return text
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options; ``--quick`` changes the defaults of --epochs and --seeds only."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", nargs="+", default=list(ARM_NORM_BATCH), choices=list(ARM_NORM_BATCH))
+    p.add_argument("--seeds", type=int, help="seeds per arm (default 2, --quick 1)")
+    p.add_argument("--epochs", type=float, help="fraction of an epoch (default 0.5, --quick 0.05)")
+    p.add_argument("--workers", type=int, default=2, help="processes at a time (default 2)")
+    p.add_argument("--out", type=Path, default=Path("output/fashion_mnist"))
+    p.add_argument("--quick", action="store_true", help="smoke test: 0.05 epoch, 1 seed")
+    args = p.parse_args()
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
+    args.epochs = args.epochs if args.epochs is not None else (0.05 if args.quick else 0.5)
+    if args.seeds < 1:
+        p.error(f"--seeds must be ≥ 1, got {args.seeds}")
+    if args.workers < 1:
+        p.error(f"--workers must be ≥ 1, got {args.workers}")
+    if int(args.epochs * TRAIN_SIZE / OPTIMIZER_BATCH) < 1:
+        p.error(f"--epochs must give at least one step of {OPTIMIZER_BATCH} images, "
+                f"got {args.epochs}")
+    return args
+
+
+def main() -> int:
+    """Check the data, run the benchmark and write the results; returns the exit status."""
+    args = parse_args()
+    missing = [p.name for p in (DATA_DIR / f"{s}-{k}-idx{r}-ubyte.gz"
+                                for s in ("train", "t10k") for k, r in (("images", 3), ("labels", 1)))
+               if not p.exists()]
+    if missing:
+        print(f"Fashion-MNIST not found in {DATA_DIR} (missing {', '.join(missing)}); install it "
+              "with:\n    apt-get install dataset-fashion-mnist", file=sys.stderr)
+        return 1
+    header = environment() + "\n" + settings(args.epochs, args.arms)
+    print(header, flush=True)
+    start = time.time()
+    results = run_all(args.arms, args.seeds, args.epochs, args.workers)
+    rows = summarise(results, args.arms)
+    table = markdown_table(rows)
+    print(f"\n{table}\n\nwall time: {time.time() - start:.0f}s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(f"```\n{header}\n```\n\n{table}\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(rows, args.out / "accuracy.png")
+    print(f"wrote {args.out}/results.md, results.json, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
