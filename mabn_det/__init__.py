@@ -11,6 +11,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "the current environment); or install your own build of detectron2."
     ) from e
 
+from . import data, modeling  # noqa: F401  (registers datasets, backbones and heads)
+from .config import add_mabn_config, check_mabn_config
 from .layers import MABN2d, WeightCentredConv2d, convert_to_inference_form
 
-__all__ = ["MABN2d", "WeightCentredConv2d", "convert_to_inference_form"]
+__all__ = ["MABN2d", "WeightCentredConv2d", "add_mabn_config", "check_mabn_config",
+           "convert_to_inference_form"]

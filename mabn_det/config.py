@@ -1,0 +1,115 @@
+"""`cfg.MODEL.MABN` and the checks that make a config with NORM: "MABN" safe to build."""
+from typing import Iterator, Tuple
+
+from detectron2.config import CfgNode as CN
+
+from .layers import check_mabn_hyperparameters
+
+__all__ = ["add_mabn_config", "check_mabn_config", "mabn_layer_kwargs", "MABN_NORM",
+           "MABN_NORM_SITES"]
+
+MABN_NORM = "MABN"
+
+# Where NORM: "MABN" may appear, and the registered names that can build it there.
+MABN_NORM_SITES = {
+    "MODEL.RESNETS.NORM": ("MODEL.BACKBONE.NAME",
+                           ("build_mabn_resnet_backbone", "build_mabn_resnet_fpn_backbone")),
+    "MODEL.FPN.NORM": ("MODEL.BACKBONE.NAME", ("build_mabn_resnet_fpn_backbone",)),
+    "MODEL.ROI_BOX_HEAD.NORM": ("MODEL.ROI_BOX_HEAD.NAME", ("MABNFastRCNNConvFCHead",)),
+    "MODEL.ROI_MASK_HEAD.NORM": ("MODEL.ROI_MASK_HEAD.NAME", ("MABNMaskRCNNConvUpsampleHead",)),
+}
+
+
+def add_mabn_config(cfg: CN) -> None:
+    """Add `cfg.MODEL.MABN` (the paper's detection settings) and `cfg.SOLVER.GRAD_ACCUMULATION_STEPS`."""
+    cfg.MODEL.MABN = CN()
+    # m: steps averaged by both moving averages (χ forward, ψ backward). With 2 images per GPU,
+    # 16 gives statistics over 32 images.
+    cfg.MODEL.MABN.BUFFER_SIZE = 16
+    # Steps that normalise with the current batch's χ and ψ before averaging starts.
+    cfg.MODEL.MABN.WARMUP_ITERS = 100
+    # Steps before batch renormalisation (r ≠ 1) starts; r = 1 up to max(this, WARMUP_ITERS).
+    cfg.MODEL.MABN.RENORM_WARMUP_ITERS = 1000
+    # r = √(s²+ε)/√(running_var+ε) is clipped to [1/RENORM_CLIP, RENORM_CLIP]; must be ≥ 1.
+    cfg.MODEL.MABN.RENORM_CLIP = 5.0
+    # PyTorch convention: running_var ← (1 − MOMENTUM)·running_var + MOMENTUM·s²; in (0, 1].
+    cfg.MODEL.MABN.MOMENTUM = 0.02
+    # Added to the second moment before the square root; > 0.
+    cfg.MODEL.MABN.EPS = 1e-5
+    # Centre the weights of every conv that feeds an MABN layer (needed: MABN drops the mean).
+    cfg.MODEL.MABN.WEIGHT_CENTRALIZATION = True
+    # Every LOG_PERIOD iterations, MABN diagnostics go to the EventStorage; 0 turns them off.
+    cfg.MODEL.MABN.LOG_PERIOD = 20
+    # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
+    # each forward sees IMS_PER_BATCH / (GPUs · GRAD_ACCUMULATION_STEPS) images per GPU.
+    cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
+
+
+def _get(cfg: CN, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _norm_keys(node: CN, prefix: str = "") -> Iterator[Tuple[str, object]]:
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _norm_keys(value, f"{prefix}{key}.")
+        elif key == "NORM":
+            yield prefix + key, value
+
+
+def mabn_layer_kwargs(cfg: CN) -> dict:
+    """The MABN2d keyword arguments in `cfg.MODEL.MABN`, validated.
+
+    Raises:
+        ValueError: naming the `cfg.MODEL.MABN` key and its bad value.
+    """
+    c = cfg.MODEL.MABN
+    kwargs = dict(buffer_size=c.BUFFER_SIZE, warmup_iters=c.WARMUP_ITERS,
+                  renorm_warmup_iters=c.RENORM_WARMUP_ITERS, renorm_clip=c.RENORM_CLIP,
+                  momentum=c.MOMENTUM, eps=c.EPS)
+    check_mabn_hyperparameters(**kwargs, name_of=lambda arg: f"cfg.MODEL.MABN.{arg.upper()}")
+    return kwargs
+
+
+def check_mabn_config(cfg: CN) -> None:
+    """Refuse, before anything is built, a config whose MABN settings cannot work as written.
+
+    Raises:
+        ValueError: naming the offending key, its value and the setting to use instead.
+    """
+    if "MABN" not in cfg.MODEL:
+        raise ValueError("cfg has no MODEL.MABN: call mabn_det.add_mabn_config(cfg) before "
+                         "merging a config file")
+    mabn_layer_kwargs(cfg)
+    if cfg.MODEL.MABN.LOG_PERIOD < 0:
+        raise ValueError(f"cfg.MODEL.MABN.LOG_PERIOD must be ≥ 0, got {cfg.MODEL.MABN.LOG_PERIOD!r}")
+    steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
+    if steps < 1 or cfg.SOLVER.IMS_PER_BATCH % steps:
+        raise ValueError(f"cfg.SOLVER.GRAD_ACCUMULATION_STEPS must be ≥ 1 and divide "
+                         f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}), got {steps}")
+    if steps > 1 and cfg.SOLVER.AMP.ENABLED:
+        raise ValueError("cfg.SOLVER.GRAD_ACCUMULATION_STEPS > 1 does not support "
+                         "SOLVER.AMP.ENABLED; set one of them back (got accumulation "
+                         f"{steps} with AMP)")
+
+    for key, value in _norm_keys(cfg.MODEL, "MODEL."):
+        if value != MABN_NORM:
+            continue
+        if key not in MABN_NORM_SITES:
+            raise ValueError(f'cfg.{key} = "MABN" is not supported; MABN works in '
+                             f"{', '.join(MABN_NORM_SITES)}")
+        name_key, builders = MABN_NORM_SITES[key]
+        if _get(cfg, name_key) not in builders:
+            raise ValueError(f'cfg.{key} = "MABN" needs cfg.{name_key} to be one of {builders}, '
+                             f"got {_get(cfg, name_key)!r}")
+    if cfg.MODEL.RESNETS.NORM == MABN_NORM:
+        if cfg.MODEL.BACKBONE.FREEZE_AT > 0:
+            raise ValueError("MABN layers cannot be frozen: set cfg.MODEL.BACKBONE.FREEZE_AT to 0 "
+                             f"(train from scratch), got {cfg.MODEL.BACKBONE.FREEZE_AT}")
+        if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
+            raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE must be all False with MABN "
+                             "(a deformable conv cannot be weight-centred), got "
+                             f"{cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE}")

@@ -1,0 +1,88 @@
+"""Watching MABN during training: diagnostics in the EventStorage, and a clear error on NaN."""
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.engine import HookBase
+from torch import nn
+
+from ..layers import MABN2d
+
+__all__ = ["MABNDiagnostics"]
+
+
+class MABNDiagnostics(HookBase):
+    """Every `period` iterations, put MABN statistics of the whole model into the EventStorage.
+
+    Scalars (so they reach the console and TensorBoard):
+      - ``mabn/renorm_mean``: mean of r over all channels of all layers (1 until renorm starts);
+      - ``mabn/renorm_clipped``: fraction of channels whose r sits at a clip bound;
+      - ``mabn/chi_ratio_max``: the largest ratio, either way, between a batch's χ and the moving
+        average it is normalised by: how far one batch strays from the averaged statistics;
+      - ``mabn/skipped_forward`` / ``mabn/skipped_backward``: non-finite statistics kept out of the
+        buffers so far.
+    Reading the values back costs one device synchronisation per period; the layers never sync.
+
+    Args:
+        model: the (unwrapped) model.
+        period: iterations between two reports; must be ≥ 1.
+        fail_on_nonfinite: raise when a layer had to skip a non-finite statistic. Leave it off under
+            AMP, whose GradScaler produces infinite gradients by design.
+    """
+
+    def __init__(self, model: nn.Module, period: int, *, fail_on_nonfinite: bool = True):
+        if period < 1:
+            raise ValueError(f"MABNDiagnostics period must be ≥ 1, got {period}")
+        self._layers: List[Tuple[str, MABN2d]] = [
+            (name, m) for name, m in model.named_modules() if isinstance(m, MABN2d)
+        ]
+        self._period = period
+        self._fail_on_nonfinite = fail_on_nonfinite
+        self._skips_seen = None
+
+    def _skip_counts(self) -> torch.Tensor:
+        """Returns: (layers, 2) int64, cumulative skipped forward and backward statistics."""
+        return torch.stack([torch.stack([m.skipped_forward_stats, m.skipped_backward_stats])
+                            for _, m in self._layers]).cpu()
+
+    def _chi_ratio_max(self, layer: MABN2d) -> torch.Tensor:
+        slot = torch.remainder(layer.iteration, layer.buffer_size)
+        current = layer.chi_buffer.index_select(0, slot.view(1))[0]
+        average = layer.chi_buffer.mean(0)
+        ratio = (current + layer.eps) / (average + layer.eps)
+        return torch.maximum(ratio, 1.0 / ratio).max()
+
+    def _statistics(self) -> Dict[str, float]:
+        trained = [m for _, m in self._layers if m.last_renorm is not None]
+        if not trained:
+            return {}
+        renorm = torch.cat([m.last_renorm.float() for m in trained])
+        clip = torch.cat([torch.full_like(m.last_renorm, m.renorm_clip, dtype=torch.float)
+                          for m in trained])
+        at_bound = (renorm >= clip * (1 - 1e-6)) | (renorm <= (1 + 1e-6) / clip)
+        chi_ratio = torch.stack([self._chi_ratio_max(m) for m in trained]).max()
+        values = torch.stack([renorm.mean(), at_bound.float().mean(), chi_ratio.float()])
+        renorm_mean, clipped, chi_ratio_max = values.tolist()
+        return {"mabn/renorm_mean": renorm_mean, "mabn/renorm_clipped": clipped,
+                "mabn/chi_ratio_max": chi_ratio_max}
+
+    def before_train(self):
+        if self._layers:
+            self._skips_seen = self._skip_counts()
+
+    def after_step(self):
+        if not self._layers or (self.trainer.iter + 1) % self._period:
+            return
+        skips = self._skip_counts()
+        scalars = self._statistics()
+        scalars["mabn/skipped_forward"], scalars["mabn/skipped_backward"] = skips.sum(0).tolist()
+        self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
+        new = (skips - self._skips_seen) > 0
+        self._skips_seen = skips
+        if self._fail_on_nonfinite and new.any():
+            layer, direction = new.nonzero()[0].tolist()
+            raise FloatingPointError(
+                f"MABN {'backward ψ' if direction else 'forward χ'} became non-finite first in "
+                f"layer '{self._layers[layer][0]}' within iterations "
+                f"{self.trainer.iter + 1 - self._period}..{self.trainer.iter}; the value was kept "
+                "out of its buffers, but the loss diverged (check the inputs and the learning rate)"
+            )

@@ -1,0 +1,155 @@
+"""The training loop shared by tools/train_net.py, the demo and the norm comparison."""
+import contextlib
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import check_mabn_config
+from .hooks import MABNDiagnostics
+from .optimizer import build_mabn_optimizer
+from .sampler import ResumableTrainingSampler
+
+__all__ = ["GradientAccumulationTrainer", "Trainer"]
+
+
+class GradientAccumulationTrainer(SimpleTrainer):
+    """One optimizer step over the summed gradients of several micro-batches.
+
+    This is how one process reproduces k GPUs that normalise their own small batches without
+    synchronisation: each micro-batch is normalised on its own, the update uses all of them.
+    Losses are averaged over the micro-batches; DDP all-reduces only on the last one.
+    """
+
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int):
+        super().__init__(model, data_loader, optimizer)
+        self.accumulation_steps = accumulation_steps
+
+    def run_step(self):
+        assert self.model.training, "[GradientAccumulationTrainer] model was changed to eval mode!"
+        self.optimizer.zero_grad()
+        steps = self.accumulation_steps
+        data_time, mean_losses = 0.0, {}
+        for micro_step in range(steps):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            defer_sync = micro_step < steps - 1 and isinstance(self.model, DistributedDataParallel)
+            with self.model.no_sync() if defer_sync else contextlib.nullcontext():
+                loss_dict = self.model(data)
+                (sum(loss_dict.values()) / steps).backward()
+            for name, value in loss_dict.items():
+                mean_losses[name] = mean_losses.get(name, 0.0) + value.detach() / steps
+        self.after_backward()
+        self._write_metrics(mean_losses, data_time)
+        self.optimizer.step()
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer, made for MABN models trained from scratch.
+
+    On top of DefaultTrainer it: checks the MABN config before building anything; gives MABN2d
+    parameters the norm weight decay; accumulates gradients over `SOLVER.GRAD_ACCUMULATION_STEPS`
+    micro-batches; logs MABN diagnostics every `MODEL.MABN.LOG_PERIOD` iterations; evaluates with
+    COCO AP (boxes, and masks when MASK_ON); and resumes exactly where it stopped: the data stream
+    restarts at the right image and (on rank 0) the random generators are checkpointed. Resume is
+    bit-exact with `DATALOADER.NUM_WORKERS 0` and a fixed `SEED`; with loader workers their
+    augmentation randomness restarts.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__(cfg)
+        steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
+        if steps > 1:
+            self._trainer = GradientAccumulationTrainer(
+                self._trainer.model, self._trainer.data_loader, self._trainer.optimizer, steps)
+        self._pending_rng_state: Optional[dict] = None
+
+    @classmethod
+    def build_model(cls, cfg):
+        check_mabn_config(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_mabn_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        """Micro-batches of IMS_PER_BATCH / GRAD_ACCUMULATION_STEPS images (all GPUs together),
+        starting at iteration `start_iter` of the data stream."""
+        micro_cfg = cfg.clone()
+        micro_cfg.defrost()
+        micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
+        kwargs = build_detection_train_loader.from_config(micro_cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            per_rank_images = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            kwargs["sampler"] = ResumableTrainingSampler(
+                len(kwargs["dataset"]), seed=cfg.SEED if cfg.SEED >= 0 else None,
+                start=start_iter * per_rank_images)
+        return build_detection_train_loader(**kwargs)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        period = self.cfg.MODEL.MABN.LOG_PERIOD
+        if period:
+            model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+            diagnostics = MABNDiagnostics(model, period,
+                                          fail_on_nonfinite=not self.cfg.SOLVER.AMP.ENABLED)
+            # Before the PeriodicWriter, so that each report is written in the same iteration.
+            writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
+                             len(ret))
+            ret.insert(writer_at, diagnostics)
+        return ret
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
+        if self._pending_rng_state is not None:
+            # Restored only now: rebuilding the data loader draws from the generators too.
+            _set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = _get_rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Other ranks keep their own, differently seeded generators.
+        if "rng" in state_dict and comm.is_main_process():
+            self._pending_rng_state = state_dict["rng"]
+
+
+def _get_rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
