@@ -1,17 +1,22 @@
 """The training loop shared by tools/train_net.py, the demo and the norm comparison."""
 import contextlib
+import logging
 import os
 import random
 import time
+import weakref
 from typing import Optional
 
 import numpy as np
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import check_mabn_config
@@ -67,12 +72,31 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
-        super().__init__(cfg)
+        # DefaultTrainer.__init__, except that DDP gets no device_ids on CPU (gloo), and that the
+        # inner loop accumulates gradients when asked to.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 device_ids=[comm.get_local_rank()] if on_gpu else None)
         steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         if steps > 1:
-            self._trainer = GradientAccumulationTrainer(
-                self._trainer.model, self._trainer.data_loader, self._trainer.optimizer, steps)
+            self._trainer = GradientAccumulationTrainer(model, data_loader, optimizer, steps)
+        else:
+            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+                model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
         self._pending_rng_state: Optional[dict] = None
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg):
@@ -119,13 +143,14 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        rng_state, self._pending_rng_state = self._pending_rng_state, None
         if self.start_iter > 0:
-            self._trainer.reset_data_loader(
-                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
-        if self._pending_rng_state is not None:
-            # Restored only now: rebuilding the data loader draws from the generators too.
-            _set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
+            def resumed_loader():
+                loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+                return loader if rng_state is None else _ResumedDataStream(loader, rng_state)
+            self._trainer.reset_data_loader(resumed_loader)
+        if rng_state is not None:
+            _set_rng_state(rng_state)
 
     def state_dict(self):
         ret = super().state_dict()
@@ -139,8 +164,29 @@ class Trainer(DefaultTrainer):
             self._pending_rng_state = state_dict["rng"]
 
 
+class _ResumedDataStream:
+    """Iterates `loader` and sets torch's generator to the checkpointed state once the first batch
+    is fetched: starting a DataLoader draws from that generator, which the uninterrupted run did at
+    iteration 0, long before the checkpoint. (Batches use only numpy's generator, restored earlier.)
+    """
+
+    def __init__(self, loader, rng_state: dict):
+        self._loader = loader
+        self._rng_state = rng_state
+
+    def __iter__(self):
+        iterator = iter(self._loader)
+        first = next(iterator)
+        torch.set_rng_state(self._rng_state["torch"])
+        yield first
+        yield from iterator
+
+
 def _get_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The generators' states in types that `torch.load(weights_only=True)` accepts."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -149,7 +195,8 @@ def _get_rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

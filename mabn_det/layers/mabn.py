@@ -233,7 +233,7 @@ class MABN2d(nn.Module):
         ring = state_dict.get(prefix + "chi_buffer")
         if ring is not None and ring.shape[0] != self.buffer_size:
             error_msgs.append(
-                f"{prefix}: checkpoint has MABN buffer_size {ring.shape[0]}, this module has "
+                f"{prefix.rstrip('.')}: checkpoint has MABN buffer_size {ring.shape[0]}, this module has "
                 f"buffer_size {self.buffer_size}; build the model with the checkpoint's size"
             )
             return
@@ -241,7 +241,7 @@ class MABN2d(nn.Module):
             # Detectron2's checkpointer drops tensors whose shape differs before loading; a step
             # counter without its rings would average zeros after the warm-up.
             error_msgs.append(
-                f"{prefix}: checkpoint has an MABN step counter but no {prefix}chi_buffer "
+                f"{prefix.rstrip('.')}: checkpoint has an MABN step counter but no {prefix}chi_buffer "
                 f"(was it saved with a buffer_size other than {self.buffer_size}?)"
             )
             return

@@ -1,0 +1,59 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+
+
+def write_tiny_coco(root):
+    """Write a 2-image COCO-format set: image 0 holds two squares, image 1 holds no instance.
+
+    Returns:
+        (json_path, image_dir)
+    """
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id, squares in enumerate([[(8, 8, 24, 20), (36, 30, 22, 26)], []]):
+        pixels = rng.integers(0, 80, (64, 64, 3), dtype=np.uint8)
+        for x, y, w, h in squares:
+            pixels[y:y + h, x:x + w] = (220, 180, 40)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+            })
+        name = f"{image_id}.png"
+        Image.fromarray(pixels).save(root / name)
+        images.append({"id": image_id, "file_name": name, "height": 64, "width": 64})
+    categories = [{"id": i, "name": f"class{i}"} for i in (1, 2)]
+    json_path = root / "instances.json"  # root: a pathlib.Path
+    json_path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                     "categories": categories}))
+    return str(json_path), str(root)
+
+
+def train_opts(output_dir, dataset="tiny_train", **overrides):
+    """KEY VALUE overrides for a few-iteration CPU run of the tiny MABN config on `tiny_coco`."""
+    opts = {
+        "MODEL.DEVICE": "cpu", "OUTPUT_DIR": output_dir, "SEED": 7,
+        "DATASETS.TRAIN": f"('{dataset}',)", "DATASETS.TEST": "()",
+        "DATALOADER.FILTER_EMPTY_ANNOTATIONS": False, "DATALOADER.NUM_WORKERS": 0,
+        "MODEL.ROI_HEADS.NUM_CLASSES": 2, "SOLVER.IMS_PER_BATCH": 2, "SOLVER.BASE_LR": 0.01,
+        "SOLVER.WARMUP_ITERS": 0, "SOLVER.STEPS": "()", "SOLVER.MAX_ITER": 4,
+        "INPUT.MIN_SIZE_TRAIN": "(64,)", "INPUT.MAX_SIZE_TRAIN": 64,
+        "INPUT.MIN_SIZE_TEST": 64, "INPUT.MAX_SIZE_TEST": 64,
+        "MODEL.MABN.BUFFER_SIZE": 2, "MODEL.MABN.WARMUP_ITERS": 0,
+        "MODEL.MABN.RENORM_WARMUP_ITERS": 3, "MODEL.MABN.LOG_PERIOD": 1,
+    }
+    opts.update(overrides)
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
