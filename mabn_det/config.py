@@ -5,8 +5,8 @@ from detectron2.config import CfgNode as CN
 
 from .layers import check_mabn_hyperparameters
 
-__all__ = ["add_mabn_config", "check_mabn_config", "mabn_layer_kwargs", "MABN_NORM",
-           "MABN_NORM_SITES"]
+__all__ = ["add_mabn_config", "check_mabn_config", "get_key", "mabn_layer_kwargs", "set_key",
+           "stock_inference_config", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
@@ -17,6 +17,14 @@ MABN_NORM_SITES = {
     "MODEL.FPN.NORM": ("MODEL.BACKBONE.NAME", ("build_mabn_resnet_fpn_backbone",)),
     "MODEL.ROI_BOX_HEAD.NORM": ("MODEL.ROI_BOX_HEAD.NAME", ("MABNFastRCNNConvFCHead",)),
     "MODEL.ROI_MASK_HEAD.NORM": ("MODEL.ROI_MASK_HEAD.NAME", ("MABNMaskRCNNConvUpsampleHead",)),
+}
+
+# The stock Detectron2 module each of our registered names extends.
+STOCK_NAMES = {
+    "build_mabn_resnet_backbone": "build_resnet_backbone",
+    "build_mabn_resnet_fpn_backbone": "build_resnet_fpn_backbone",
+    "MABNFastRCNNConvFCHead": "FastRCNNConvFCHead",
+    "MABNMaskRCNNConvUpsampleHead": "MaskRCNNConvUpsampleHead",
 }
 
 
@@ -45,11 +53,18 @@ def add_mabn_config(cfg: CN) -> None:
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
 
 
-def _get(cfg: CN, dotted: str):
+def get_key(cfg: CN, dotted: str):
+    """cfg.A.B.C for dotted = "A.B.C"."""
     node = cfg
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def set_key(cfg: CN, dotted: str, value) -> None:
+    """cfg.A.B.C = value for dotted = "A.B.C" (cfg must not be frozen)."""
+    *path, leaf = dotted.split(".")
+    get_key(cfg, ".".join(path))[leaf] = value
 
 
 def _norm_keys(node: CN, prefix: str = "") -> Iterator[Tuple[str, object]]:
@@ -102,9 +117,9 @@ def check_mabn_config(cfg: CN) -> None:
             raise ValueError(f'cfg.{key} = "MABN" is not supported; MABN works in '
                              f"{', '.join(MABN_NORM_SITES)}")
         name_key, builders = MABN_NORM_SITES[key]
-        if _get(cfg, name_key) not in builders:
+        if get_key(cfg, name_key) not in builders:
             raise ValueError(f'cfg.{key} = "MABN" needs cfg.{name_key} to be one of {builders}, '
-                             f"got {_get(cfg, name_key)!r}")
+                             f"got {get_key(cfg, name_key)!r}")
     if cfg.MODEL.RESNETS.NORM == MABN_NORM:
         if cfg.MODEL.BACKBONE.FREEZE_AT > 0:
             raise ValueError("MABN layers cannot be frozen: set cfg.MODEL.BACKBONE.FREEZE_AT to 0 "
@@ -113,3 +128,22 @@ def check_mabn_config(cfg: CN) -> None:
             raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE must be all False with MABN "
                              "(a deformable conv cannot be weight-centred), got "
                              f"{cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE}")
+
+
+def stock_inference_config(cfg: CN) -> CN:
+    """The config of the same architecture for stock Detectron2, without mabn_det.
+
+    Every NORM "MABN" becomes "FrozenBN" and every mabn_det name its stock counterpart; the keys that
+    `add_mabn_config` added are removed. Weights converted by
+    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
+    """
+    stock = cfg.clone()
+    stock.defrost()
+    for norm_key, (name_key, _) in MABN_NORM_SITES.items():
+        if get_key(stock, norm_key) == MABN_NORM:
+            set_key(stock, norm_key, "FrozenBN")
+        name = get_key(stock, name_key)
+        set_key(stock, name_key, STOCK_NAMES.get(name, name))
+    del stock.MODEL["MABN"]
+    del stock.SOLVER["GRAD_ACCUMULATION_STEPS"]
+    return stock

@@ -9,7 +9,7 @@ import functools
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..config import MABN_NORM, MABN_NORM_SITES, mabn_layer_kwargs
+from ..config import MABN_NORM, MABN_NORM_SITES, get_key, mabn_layer_kwargs, set_key
 from ..layers import MABN2d, centre_convs_before_mabn_
 
 __all__ = ["with_mabn_norms", "centre_if_enabled"]
@@ -25,13 +25,9 @@ def with_mabn_norms(cfg: CfgNode) -> CfgNode:
     factory = functools.partial(MABN2d, **mabn_layer_kwargs(cfg))
     resolved = cfg.clone()
     resolved.defrost()
-    for dotted in MABN_NORM_SITES:
-        *path, leaf = dotted.split(".")
-        node = resolved
-        for part in path:
-            node = node[part]
-        if node[leaf] == MABN_NORM:
-            node[leaf] = factory
+    for key in MABN_NORM_SITES:
+        if get_key(resolved, key) == MABN_NORM:
+            set_key(resolved, key, factory)
     return resolved
 
 

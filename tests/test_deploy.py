@@ -1,0 +1,59 @@
+"""A converted checkpoint runs in stock Detectron2, without mabn_det, and predicts the same boxes."""
+import json
+import subprocess
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from mabn_det.deploy import export_for_stock_detectron2
+from tests.conftest import make_cfg, synthetic_image
+
+STOCK_PREDICT = r"""
+import json, sys, torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+cfg = get_cfg()
+cfg.merge_from_file(sys.argv[1])
+model = build_model(cfg).eval()
+DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+image = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
+assert not any(name.startswith("mabn_det") for name in sys.modules), "mabn_det was imported"
+print(json.dumps({"boxes": out.pred_boxes.tensor.tolist(), "scores": out.scores.tolist(),
+                  "masks": out.pred_masks.float().mean().item()}))
+"""
+
+
+def test_converted_checkpoint_predicts_the_same_in_stock_detectron2(tmp_path):
+    torch.manual_seed(0)
+    cfg = make_cfg(opts=["MODEL.MABN.WARMUP_ITERS", "0", "MODEL.MABN.BUFFER_SIZE", "2",
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    model = build_model(cfg)
+    batch = [synthetic_image(boxes=[(8, 8, 30, 28)], seed=s) for s in range(2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with EventStorage():
+        for _ in range(3):  # moves weights and MABN statistics away from their initial values
+            optimizer.zero_grad()
+            sum(model(batch).values()).backward()
+            optimizer.step()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("mabn")
+    config = export_for_stock_detectron2(cfg, str(tmp_path / "mabn.pth"), str(tmp_path / "deploy"))
+
+    image = batch[0]["image"]
+    torch.save(image, tmp_path / "image.pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
+    result = subprocess.run([sys.executable, "-c", STOCK_PREDICT, config, str(tmp_path / "image.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(expected) > 0 and len(got["boxes"]) == len(expected)
+    torch.testing.assert_close(torch.tensor(got["boxes"]), expected.pred_boxes.tensor,
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(got["scores"]), expected.scores, rtol=1e-4, atol=1e-5)
