@@ -1,4 +1,5 @@
 """Watching MABN during training: diagnostics in the EventStorage, and a clear error on NaN."""
+import functools
 from typing import Dict, List, Tuple
 
 import torch
@@ -38,6 +39,27 @@ class MABNDiagnostics(HookBase):
         self._period = period
         self._fail_on_nonfinite = fail_on_nonfinite
         self._skips_seen = None
+        # Execution order of the layers, recorded during the first step: module registration
+        # order differs (Detectron2's FPN registers its convs before the ResNet it wraps).
+        self._forward_order: List[int] = []
+        self._order_hooks = [
+            m.register_forward_pre_hook(functools.partial(self._record_order, index))
+            for index, (_, m) in enumerate(self._layers)
+        ]
+
+    def _record_order(self, index: int, module, inputs) -> None:
+        if index not in self._forward_order:
+            self._forward_order.append(index)
+
+    def _first_in_execution_order(self, new_skips: torch.Tensor) -> Tuple[str, str]:
+        """The layer and direction where a non-finite statistic appeared first in the step."""
+        order = self._forward_order + [i for i in range(len(self._layers))
+                                       if i not in self._forward_order]
+        for direction, column, layers in (("forward χ", 0, order), ("backward ψ", 1, order[::-1])):
+            for index in layers:
+                if new_skips[index, column]:
+                    return self._layers[index][0], direction
+        raise AssertionError("no new skipped statistic")
 
     def _skip_counts(self) -> torch.Tensor:
         """Returns: (layers, 2) int64, cumulative skipped forward and backward statistics."""
@@ -70,6 +92,9 @@ class MABNDiagnostics(HookBase):
             self._skips_seen = self._skip_counts()
 
     def after_step(self):
+        for handle in self._order_hooks:
+            handle.remove()
+        self._order_hooks = []
         if not self._layers or (self.trainer.iter + 1) % self._period:
             return
         skips = self._skip_counts()
@@ -79,10 +104,10 @@ class MABNDiagnostics(HookBase):
         new = (skips - self._skips_seen) > 0
         self._skips_seen = skips
         if self._fail_on_nonfinite and new.any():
-            layer, direction = new.nonzero()[0].tolist()
+            layer, direction = self._first_in_execution_order(new)
             raise FloatingPointError(
-                f"MABN {'backward ψ' if direction else 'forward χ'} became non-finite first in "
-                f"layer '{self._layers[layer][0]}' within iterations "
-                f"{self.trainer.iter + 1 - self._period}..{self.trainer.iter}; the value was kept "
-                "out of its buffers, but the loss diverged (check the inputs and the learning rate)"
+                f"MABN {direction} became non-finite first in layer '{layer}' within iterations "
+                f"{self.trainer.iter + 1 - self._period}..{self.trainer.iter}; it was kept out of the "
+                "layer's buffers, but the training has diverged (check the inputs and the learning "
+                "rate)"
             )
