@@ -21,6 +21,8 @@ setup(
         "pycocotools",
         "numpy<2",
         "matplotlib",
+        # Detectron2's Visualizer (prediction pictures) imports cv2.
+        "opencv-python-headless",
         "tqdm",
         "tensorboard",
         # Natural photographs used as backgrounds of the synthetic shapes set.

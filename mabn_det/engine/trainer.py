@@ -141,6 +141,11 @@ class Trainer(DefaultTrainer):
             ret.insert(writer_at, diagnostics)
         return ret
 
+    def train(self):
+        """Train; returns the last evaluation results (as DefaultTrainer documents), or None."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         rng_state, self._pending_rng_state = self._pending_rng_state, None

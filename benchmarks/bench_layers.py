@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Forward+backward time of one normalisation layer, and its ratio to nn.BatchNorm2d.
+
+Compares, at the same input: nn.BatchNorm2d (training mode), nn.GroupNorm(32), mabn_det's MABN2d
+(in its steady state: moving averages and renormalisation active), and a naive MABN written op by op
+with Python-side step counting (the formulation of the paper, implemented without fusion) as a
+reference point. Prints a Markdown table with the device name.
+
+    python benchmarks/bench_layers.py                 # CPU shapes (and CUDA shapes when present)
+    python benchmarks/bench_layers.py --device cuda   # R50-FPN shapes, 2 images of 800×1216
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from mabn_det.layers import MABN2d
+
+CPU_SHAPES = {"(2,256,64,64)": (2, 256, 64, 64), "(2,64,128,128)": (2, 64, 128, 128),
+              "(256,256,7,7)": (256, 256, 7, 7)}
+# Mask R-CNN R50-FPN with 2 images of 800×1216: the four ResNet stages, box head, mask head.
+CUDA_SHAPES = {"res2": (2, 256, 200, 336), "res3": (2, 512, 100, 168), "res4": (2, 1024, 50, 84),
+               "res5": (2, 2048, 25, 42), "box head": (1024, 256, 7, 7),
+               "mask head": (128, 256, 14, 14)}
+
+
+class NaiveMABN(nn.Module):
+    """MABN written directly from the equations: one op per term, a Python step counter and
+    Python branches on it, autograd through the averaged backward via a custom Function."""
+
+    def __init__(self, channels: int, buffer_size: int = 16, eps: float = 1e-5, clip: float = 5.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("chi", torch.zeros(buffer_size, channels))
+        self.register_buffer("psi", torch.zeros(buffer_size, channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.step, self.m, self.eps, self.clip = 0, buffer_size, eps, clip
+
+    def forward(self, x):
+        self.step += 1
+        layer = self
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, weight, bias):
+                chi = x.pow(2).mean(dim=(0, 2, 3))
+                layer.chi[layer.step % layer.m] = chi
+                var = layer.chi.mean(0)
+                sigma = (var + layer.eps).sqrt()
+                r = (sigma / (layer.running_var + layer.eps).sqrt()).clamp(1 / layer.clip, layer.clip)
+                z = x / sigma.view(1, -1, 1, 1)
+                layer.running_var.mul_(0.98).add_(0.02 * var)
+                ctx.save_for_backward(z, weight, sigma, r)
+                return weight.view(1, -1, 1, 1) * r.view(1, -1, 1, 1) * z + bias.view(1, -1, 1, 1)
+
+            @staticmethod
+            def backward(ctx, dy):
+                z, weight, sigma, r = ctx.saved_tensors
+                g = dy * (weight * r).view(1, -1, 1, 1)
+                layer.psi[layer.step % layer.m] = (g * z).mean(dim=(0, 2, 3))
+                psi = layer.psi.mean(0)
+                dx = (g - z * psi.view(1, -1, 1, 1)) / sigma.view(1, -1, 1, 1)
+                return dx, (dy * z * r.view(1, -1, 1, 1)).sum(dim=(0, 2, 3)), dy.sum(dim=(0, 2, 3))
+
+        return Fn.apply(x, self.weight, self.bias)
+
+
+def _layers(channels: int) -> Dict[str, nn.Module]:
+    return {
+        "BatchNorm2d": nn.BatchNorm2d(channels),
+        "GroupNorm(32)": nn.GroupNorm(32, channels),
+        "MABN2d": MABN2d(channels, warmup_iters=0, renorm_warmup_iters=0),
+        "naive MABN": NaiveMABN(channels),
+    }
+
+
+def _time(fn: Callable[[], None], device: str, repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` runs after 3 warm-up runs."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype,
+                channels_last: bool, repeats: int) -> Dict[str, float]:
+    """Seconds per forward+backward of each layer at `shape`."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(shape, device=device).to(memory_format=memory_format)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    result = {}
+    for name, layer in _layers(shape[1]).items():
+        layer = layer.to(device).train()
+
+        def step():
+            with autocast:
+                y = layer(x.to(dtype) if dtype != torch.float32 else x)
+            y.backward(dy.to(y.dtype))
+
+        result[name] = _time(step, device, repeats)
+    return result
+
+
+def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
+          formats: List[bool], repeats: int) -> str:
+    names = list(_layers(32))
+    lines = [f"| shape | dtype | layout | BatchNorm2d (ms) | "
+             + " | ".join(f"{n} / BN" for n in names[1:]) + " |",
+             "|---" * (4 + len(names) - 1) + "|"]
+    for label, shape in shapes.items():
+        for dtype in dtypes:
+            for channels_last in formats:
+                t = bench_shape(shape, device, dtype, channels_last, repeats)
+                ratios = " | ".join(f"{t[n] / t['BatchNorm2d']:.2f}×" for n in names[1:])
+                lines.append(f"| {label} | {str(dtype).split('.')[-1]} | "
+                             f"{'NHWC' if channels_last else 'NCHW'} | "
+                             f"{t['BatchNorm2d'] * 1e3:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
+                        help="default: cpu, plus cuda when available")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        if device == "cuda":
+            name = torch.cuda.get_device_name()
+            print(f"\n{name}, torch {torch.__version__}, forward+backward, median of "
+                  f"{args.repeats}\n")
+            print(table("cuda", CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
+                        [False, True], args.repeats))
+        else:
+            print(f"\nCPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+                  f"forward+backward, median of {args.repeats}\n")
+            print(table("cpu", CPU_SHAPES, [torch.float32], [False], args.repeats))
+
+
+if __name__ == "__main__":
+    main()
