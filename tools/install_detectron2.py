@@ -62,10 +62,10 @@ def make_pure(wheel: str, workdir: str) -> str:
     unpacked = os.path.join(workdir, "unpacked")
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(unpacked)
-    (root,) = [os.path.join(unpacked, d) for d in os.listdir(unpacked)
-               if d.endswith(".dist-info")] or [None]
-    if root is None:
-        raise SystemExit(f"{wheel} has no .dist-info folder")
+    dist_infos = [os.path.join(unpacked, d) for d in os.listdir(unpacked) if d.endswith(".dist-info")]
+    if len(dist_infos) != 1:
+        raise SystemExit(f"{wheel} should hold one .dist-info folder, found {dist_infos}")
+    root = dist_infos[0]
     for so in glob.glob(os.path.join(unpacked, "detectron2", "_C*.so")):
         os.remove(so)
     wheel_meta = os.path.join(root, "WHEEL")
