@@ -1,5 +1,8 @@
 """Command-line set-up and entry point behind tools/train_net.py."""
 import argparse
+import os
+
+import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
@@ -42,6 +45,9 @@ def setup(args: argparse.Namespace) -> CfgNode:
 def main(args: argparse.Namespace):
     """Train (or with --eval-only, evaluate) as described by `args`; runs once per process."""
     cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # Processes sharing the CPU would otherwise each start a thread per core and stall.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

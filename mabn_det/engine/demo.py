@@ -1,6 +1,7 @@
 """`make demo`: generate the shapes set, train a small MABN Mask R-CNN from scratch, evaluate, draw."""
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -66,7 +67,9 @@ def run_demo(config_file: str, output_dir: str, *, num_train: int, num_val: int,
     trained.MODEL.WEIGHTS = os.path.join(output_dir, "model_final.pth")
     save_predictions(trained, cfg.DATASETS.TEST[0], os.path.join(output_dir, "predictions"))
     summary = {
-        "results": {task: dict(metrics) for task, metrics in results.items()},
+        # JSON has no NaN: metrics COCO cannot compute (no object of that size or class) are null.
+        "results": {task: {k: None if math.isnan(v) else v for k, v in metrics.items()}
+                    for task, metrics in results.items()},
         "train_seconds": round(seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
         "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH,
