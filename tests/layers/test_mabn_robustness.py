@@ -196,3 +196,33 @@ def test_loading_other_buffer_size_names_both_sizes():
     dropped = {k: v for k, v in state.items() if k not in ("chi_buffer", "psi_buffer")}
     with pytest.raises(RuntimeError, match="step counter but no chi_buffer"):
         MABN2d(4, buffer_size=16).load_state_dict(dropped, strict=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_cpu(channels_last):
+    torch.manual_seed(0)
+    kwargs = dict(buffer_size=3, warmup_iters=2, renorm_warmup_iters=5, renorm_clip=1.5)
+    cpu, gpu = MABN2d(8, **kwargs), MABN2d(8, **kwargs).cuda()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [torch.randn(2, 8, 6, 6) * (1 + i % 3) for i in range(10)]
+    expected = _train_steps(cpu, inputs)
+    got = _train_steps(gpu, [x.cuda().to(memory_format=fmt) for x in inputs])
+    for (y, dx), (y_ref, dx_ref) in zip(got, expected):
+        torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dx.cpu(), dx_ref, rtol=1e-4, atol=1e-5)
+    for key, value in cpu.state_dict().items():
+        torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_keeps_float32_statistics(dtype):
+    layer = MABN2d(8, buffer_size=2, warmup_iters=0).cuda()
+    conv = torch.nn.Conv2d(3, 8, 3).cuda()
+    x = torch.randn(2, 3, 16, 16, device="cuda") * 3e4
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(conv(x))
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert layer.chi_buffer.dtype == torch.float32 and torch.isfinite(layer.chi_buffer).all()
