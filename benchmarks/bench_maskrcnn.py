@@ -92,7 +92,6 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, 2 images {args.size}×{int(args.size * 1.52) // 32 * 32}")
     print("| norm | ms / iteration | vs BN | peak memory (GiB) |\n|---|---|---|---|")
-    model = None
     results = {}
     for norm in ("BN", "GN", "MABN"):
         seconds, peak, model, optimizer = measure(norm, args.device, batch, args.iters)
