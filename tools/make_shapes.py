@@ -3,20 +3,18 @@
 
 Usage:
     python tools/make_shapes.py --out datasets/shapes --train 2000 --val 500 --size 128 --seed 0
+    python tools/make_shapes.py --style simple ...   # fewer, larger objects, no clutter
 
 Writes OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json. Equal arguments give
 byte-identical files. ``mabn_det.data`` registers ``$DETECTRON2_DATASETS/shapes`` (default
 ``datasets/shapes``) as ``shapes_train`` / ``shapes_val``, which is the default --out.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mabn_det.data import (  # noqa: E402  (needs the path set above when run from a checkout)
+from mabn_det.data import (
     DEFAULT_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
+    SCENE_STYLES,
     default_shapes_dir,
     generate_shapes_dataset,
 )
@@ -52,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="side of the square images in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=integer_at_least(0), default=0,
                         help="random seed; equal seeds give identical files (default: %(default)s)")
+    parser.add_argument("--style", choices=sorted(SCENE_STYLES), default="standard",
+                        help="standard: crowded, small objects, clutter; simple: fewer, larger "
+                        "objects (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -60,9 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     """Generate the dataset that the command line asks for."""
     args = parse_args(argv)
     out_dir = generate_shapes_dataset(
-        args.out, args.train, args.val, args.size, args.seed, progress=not args.no_progress
+        args.out, args.train, args.val, args.size, args.seed, progress=not args.no_progress,
+        style=args.style,
     )
-    print(f"wrote {args.train} train + {args.val} val images of {args.size} px to {out_dir}")
+    print(f"wrote {args.train} train + {args.val} val {args.style} images of {args.size} px "
+          f"to {out_dir}")
 
 
 if __name__ == "__main__":

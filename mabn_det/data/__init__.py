@@ -11,7 +11,7 @@ from .datasets import (
     register_shapes_datasets,
     register_shapes_split,
 )
-from .scenes import SHAPE_CLASS_NAMES, render_shapes_image
+from .scenes import SCENE_STYLES, SHAPE_CLASS_NAMES, render_shapes_image
 from .shapes import (
     DEFAULT_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
@@ -24,6 +24,7 @@ register_shapes_datasets()
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
+    "SCENE_STYLES",
     "SHAPE_CLASS_NAMES",
     "default_datasets_root",
     "default_shapes_dir",

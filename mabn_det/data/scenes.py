@@ -26,19 +26,43 @@ from .raster import Footprint, blend_into, polygons_footprint, stroke_footprint
 # proportion for larger images; the minimum object size does not shrink for smaller ones, where
 # shapes would become unrecognisable.
 REFERENCE_IMAGE_SIZE = 128
-MIN_OBJECT_SIZE_PX = 6.0
-MAX_OBJECT_SIZE_FRACTION = 0.8
-# COCO's "large" (area ≥ 96²) is most of a 128 px image: log-uniform sizes hardly ever reach it.
-# Backdrops are shapes bigger than the image, kept at the bottom of the stack so that smaller
-# objects still show in front of them; about 2% of the labelled objects end up "large".
-BACKDROP_PROBABILITY = 0.1
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How crowded and how small the objects of an image are.
+
+    Attributes:
+        max_objects: labelled objects per image are drawn log-uniformly from 1 to this.
+        backdrop_probability: chance that an object is a "backdrop", a shape bigger than the
+            image kept at the bottom of the stack. COCO's "large" (area ≥ 96²) is most of a 128 px
+            image and log-uniform sizes hardly ever reach it; with 0.1 about 2% of the labelled
+            objects end up large.
+        max_distractors: unlabelled strokes per image are drawn uniformly from 0 to this.
+        min_object_size_px: smallest object size at REFERENCE_IMAGE_SIZE.
+        max_object_size_fraction: largest (non-backdrop) object size, as a fraction of the image.
+    """
+
+    max_objects: int = 20
+    backdrop_probability: float = 0.1
+    max_distractors: int = 6
+    min_object_size_px: float = 6.0
+    max_object_size_fraction: float = 0.8
+
+
+# "standard" is the set of the norm study: crowded, small objects, occlusion and clutter.
+# "simple" keeps every appearance change (backgrounds, colour casts, noise) but has fewer and
+# larger objects and no clutter: a small detector learns it from scratch in minutes on a CPU.
+SCENE_STYLES = {
+    "standard": SceneStyle(),
+    "simple": SceneStyle(max_objects=6, backdrop_probability=0.0, max_distractors=0,
+                         min_object_size_px=16.0, max_object_size_fraction=0.7),
+}
 BACKDROP_SIZE_FRACTIONS = (1.2, 1.8)
 # Keeps thin rectangles and ellipses at least this many pixels wide.
 MIN_SHORT_SIDE_PX = 3.0
 # Up to this fraction of an object's half-size may stick out past the image border.
 MAX_OUTSIDE_FRACTION = 0.5
-MAX_OBJECTS = 20
-MAX_DISTRACTORS = 6
 # Objects showing less than this much of themselves are not painted (they would be unfair labels).
 MIN_VISIBLE_FRACTION = 0.3
 MIN_VISIBLE_PIXELS = 12
@@ -138,30 +162,31 @@ SHAPE_CLASS_NAMES = tuple(shape_class.name for shape_class in SHAPE_CLASSES)
 
 
 def render_shapes_image(
-    rng: np.random.Generator, image_size: int
+    rng: np.random.Generator, image_size: int, style: SceneStyle = SCENE_STYLES["standard"]
 ) -> tuple[np.ndarray, list[ShapeInstance]]:
     """Render one random image and its instance labels.
 
     Args:
         rng: Source of all randomness; the same generator state gives the same image.
         image_size: Side of the square image in pixels.
+        style: How many objects, how small, how much clutter.
 
     Returns:
         ``(image, instances)``: uint8 RGB image (image_size, image_size, 3) and its 1 to
-        MAX_OBJECTS visible objects, bottom-most first, with pairwise disjoint masks.
+        ``style.max_objects`` visible objects, bottom-most first, with pairwise disjoint masks.
     """
     scale = image_size / REFERENCE_IMAGE_SIZE
     canvas = render_fill(rng, image_size, image_size, BACKGROUND_STYLE_WEIGHTS)
-    _paint_distractors(rng, canvas, scale)
+    _paint_distractors(rng, canvas, scale, style.max_distractors)
     instances = []
-    for shape, visible in _sample_visible_shapes(rng, image_size):
+    for shape, visible in _sample_visible_shapes(rng, image_size, style):
         blend_into(canvas, shape.footprint, _contrasting_fill(rng, canvas, shape.footprint))
         instances.append(ShapeInstance(shape.category_id, visible))
     return perturb_photometry(rng, canvas), instances
 
 
 def _sample_visible_shapes(
-    rng: np.random.Generator, image_size: int
+    rng: np.random.Generator, image_size: int, style: SceneStyle
 ) -> list[tuple[_PlacedShape, np.ndarray]]:
     """Random shapes in painting order, each with its visible mask; never empty.
 
@@ -172,10 +197,11 @@ def _sample_visible_shapes(
         ``(shape, visible)`` pairs, bottom-most first; ``visible`` is bool (image_size, image_size).
     """
     while True:
-        count = _sample_object_count(rng)
-        backdrops = int(rng.binomial(count, BACKDROP_PROBABILITY))
+        count = _sample_object_count(rng, style.max_objects)
+        backdrops = int(rng.binomial(count, style.backdrop_probability))
         stack = [
-            _sample_shape(rng, image_size, backdrop=index < backdrops) for index in range(count)
+            _sample_shape(rng, image_size, style, backdrop=index < backdrops)
+            for index in range(count)
         ]
         covered = np.zeros((image_size, image_size), dtype=bool)
         kept = []
@@ -193,19 +219,22 @@ def _sample_visible_shapes(
             return kept[::-1]
 
 
-def _sample_object_count(rng: np.random.Generator) -> int:
-    """1 to MAX_OBJECTS, log-uniformly so that sparse images are the most common."""
-    return min(math.floor(log_uniform(rng, 1, MAX_OBJECTS + 1)), MAX_OBJECTS)
+def _sample_object_count(rng: np.random.Generator, max_objects: int) -> int:
+    """1 to `max_objects`, log-uniformly so that sparse images are the most common."""
+    return min(math.floor(log_uniform(rng, 1, max_objects + 1)), max_objects)
 
 
-def _sample_shape(rng: np.random.Generator, image_size: int, backdrop: bool) -> _PlacedShape:
+def _sample_shape(
+    rng: np.random.Generator, image_size: int, style: SceneStyle, backdrop: bool
+) -> _PlacedShape:
     """A random class at a random log-uniform size, aspect ratio, rotation and position.
 
     Args:
         rng: Source of randomness.
         image_size: Side of the square image in pixels.
+        style: The object size range.
         backdrop: Draw the size from BACKDROP_SIZE_FRACTIONS of the image instead of the usual
-            range (see BACKDROP_PROBABILITY).
+            range (see SceneStyle.backdrop_probability).
     """
     class_index = int(rng.integers(len(SHAPE_CLASSES)))
     shape_class = SHAPE_CLASSES[class_index]
@@ -213,8 +242,8 @@ def _sample_shape(rng: np.random.Generator, image_size: int, backdrop: bool) -> 
         min_size, max_size = (fraction * image_size for fraction in BACKDROP_SIZE_FRACTIONS)
     else:
         scale = image_size / REFERENCE_IMAGE_SIZE
-        min_size = max(MIN_OBJECT_SIZE_PX, MIN_OBJECT_SIZE_PX * scale) * shape_class.min_size_factor
-        max_size = MAX_OBJECT_SIZE_FRACTION * image_size
+        min_size = style.min_object_size_px * max(1.0, scale) * shape_class.min_size_factor
+        max_size = style.max_object_size_fraction * image_size
     size = log_uniform(rng, min_size, max_size)
     width = max(size * rng.uniform(*shape_class.aspect_range), MIN_SHORT_SIDE_PX)
     angle = rng.uniform(0.0, 2.0 * np.pi)
@@ -232,16 +261,20 @@ def _sample_shape(rng: np.random.Generator, image_size: int, backdrop: bool) -> 
     return _PlacedShape(class_index + 1, footprint)
 
 
-def _paint_distractors(rng: np.random.Generator, canvas: np.ndarray, scale: float) -> None:
-    """Paint unlabelled straight lines and scribbles (text-like strokes) onto ``canvas`` in place.
+def _paint_distractors(
+    rng: np.random.Generator, canvas: np.ndarray, scale: float, max_distractors: int
+) -> None:
+    """Paint 0 to `max_distractors` unlabelled straight lines and scribbles (text-like strokes)
+    onto ``canvas`` in place.
 
     Args:
         rng: Source of randomness.
         canvas: float32 (H, W, 3) in [0, 1].
         scale: Image size relative to REFERENCE_IMAGE_SIZE; strokes grow with it.
+        max_distractors: The most strokes to paint.
     """
     image_size = canvas.shape[0]
-    for _ in range(int(rng.integers(MAX_DISTRACTORS + 1))):
+    for _ in range(int(rng.integers(max_distractors + 1))):
         if rng.random() < 0.5:
             points = rng.uniform(0.0, image_size, size=(2, 2))
             stroke_width = rng.uniform(0.6, 2.5) * scale

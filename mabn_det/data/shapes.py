@@ -23,7 +23,13 @@ import pycocotools.mask as mask_util
 from PIL import Image
 from tqdm import tqdm
 
-from .scenes import SHAPE_CLASS_NAMES, ShapeInstance, render_shapes_image
+from .scenes import (
+    SCENE_STYLES,
+    SHAPE_CLASS_NAMES,
+    SceneStyle,
+    ShapeInstance,
+    render_shapes_image,
+)
 
 # Bump whenever the generator's output changes, so that stale datasets are not mistaken for current.
 GENERATOR_VERSION = 1
@@ -70,6 +76,7 @@ def generate_shapes_dataset(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     progress: bool = True,
+    style: str = "standard",
 ) -> Path:
     """Render the train and val splits and write them with their COCO annotations.
 
@@ -84,6 +91,7 @@ def generate_shapes_dataset(
         image_size: Side of the square images in pixels, ≥ MIN_IMAGE_SIZE.
         seed: Non-negative integer; equal seeds give byte-identical output.
         progress: Show a tqdm progress bar.
+        style: A key of SCENE_STYLES: "standard" (crowded, small objects, clutter) or "simple".
 
     Returns:
         The dataset directory.
@@ -92,6 +100,8 @@ def generate_shapes_dataset(
     _require_integer_at_least("num_val", num_val, 1)
     _require_integer_at_least("image_size", image_size, MIN_IMAGE_SIZE)
     _require_integer_at_least("seed", seed, 0)
+    if style not in SCENE_STYLES:
+        raise ValueError(f"style must be one of {sorted(SCENE_STYLES)}, got {style!r}")
     dataset_dir = Path(out_dir)
     manifest_file = dataset_dir / MANIFEST_NAME
     manifest_file.unlink(missing_ok=True)
@@ -99,8 +109,9 @@ def generate_shapes_dataset(
     with tqdm(total=num_train + num_val, unit="img", disable=not progress) as bar:
         for split in SPLITS:
             bar.set_description(f"shapes {split}")
-            _write_split(dataset_dir, split, split_sizes[split], image_size, seed, bar.update)
-    _write_json(manifest_file, _manifest(num_train, num_val, image_size, seed))
+            _write_split(dataset_dir, split, split_sizes[split], image_size, seed,
+                         SCENE_STYLES[style], bar.update)
+    _write_json(manifest_file, _manifest(num_train, num_val, image_size, seed, style))
     return dataset_dir
 
 
@@ -111,6 +122,7 @@ def shapes_dataset_exists(
     num_val: int | None = None,
     image_size: int | None = None,
     seed: int | None = None,
+    style: str | None = None,
 ) -> bool:
     """Whether a complete dataset from this generator version is at ``dataset_dir``.
 
@@ -122,12 +134,14 @@ def shapes_dataset_exists(
         num_val: When given, the number of validation images the dataset must have.
         image_size: When given, the image size the dataset must have.
         seed: When given, the seed the dataset must have been generated with.
+        style: When given, the scene style the dataset must have been generated with.
     """
     try:
         manifest = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return False
-    wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
+              "style": style}
     expected = {"generator_version": GENERATOR_VERSION}
     expected.update({key: value for key, value in wanted.items() if value is not None})
     return all(manifest.get(key) == value for key, value in expected.items()) and all(
@@ -140,13 +154,14 @@ def _require_integer_at_least(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
 
-def _manifest(num_train: int, num_val: int, image_size: int, seed: int) -> dict:
+def _manifest(num_train: int, num_val: int, image_size: int, seed: int, style: str) -> dict:
     return {
         "generator_version": GENERATOR_VERSION,
         "num_train": num_train,
         "num_val": num_val,
         "image_size": image_size,
         "seed": seed,
+        "style": style,
     }
 
 
@@ -156,6 +171,7 @@ def _write_split(
     num_images: int,
     image_size: int,
     seed: int,
+    style: SceneStyle,
     on_image_written: Callable[[], object],
 ) -> None:
     """Render ``num_images`` images of ``split`` and write them and their annotation file."""
@@ -164,7 +180,7 @@ def _write_split(
     image_records, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
-        pixels, instances = render_shapes_image(image_rng(seed, split, index), image_size)
+        pixels, instances = render_shapes_image(image_rng(seed, split, index), image_size, style)
         file_name = f"{image_id:06d}.png"
         # Noisy images hardly compress, so stronger zlib levels cost time and save little space.
         Image.fromarray(pixels).save(images_dir / file_name, compress_level=1)

@@ -30,7 +30,9 @@ from mabn_det.data import (
 )
 from mabn_det.data.appearance import TEXTURE_NAMES, load_texture
 from mabn_det.data.raster import polygons_footprint
-from mabn_det.data.scenes import MAX_OBJECTS, MIN_VISIBLE_PIXELS, SHAPE_CLASSES
+from mabn_det.data.scenes import MIN_VISIBLE_PIXELS, SCENE_STYLES, SHAPE_CLASSES
+
+MAX_OBJECTS = SCENE_STYLES["standard"].max_objects
 from mabn_det.data.shapes import SPLITS, image_rng, split_annotation_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -246,3 +248,22 @@ def test_cli_rejects_too_small_size_naming_the_flag(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "argument --size: must be ≥ 32, got 8" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_simple_style_has_fewer_larger_objects():
+    style = SCENE_STYLES["simple"]
+    for index in range(30):
+        _, instances = render_shapes_image(image_rng(3, "train", index), 128, style)
+        assert 1 <= len(instances) <= style.max_objects
+        for instance in instances:
+            ys, xs = instance.mask.nonzero()
+            # Objects may be occluded or cut by the border, but none is drawn smaller than 16 px.
+            assert max(ys.ptp(), xs.ptp()) + 1 >= 8
+
+
+def test_style_is_recorded_in_the_manifest(tmp_path):
+    generate_shapes_dataset(tmp_path, 2, 1, 64, seed=0, progress=False, style="simple")
+    assert shapes_dataset_exists(tmp_path, style="simple")
+    assert not shapes_dataset_exists(tmp_path, style="standard")
+    with pytest.raises(ValueError, match="style must be one of"):
+        generate_shapes_dataset(tmp_path, 2, 1, 64, style="hard")
