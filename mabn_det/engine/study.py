@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
 
 from ..config import MABN_NORM_SITES, add_mabn_config, set_key
 from ..data import register_shapes_split
@@ -115,7 +116,7 @@ def run_study(config_file: str, dataset_dir: str, out_root: str, arms: Sequence[
             for seed in seeds for arm in arms]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        return list(pool.map(_run_one, runs))
+        return list(tqdm(pool.map(_run_one, runs), total=len(runs), desc="study runs", unit="run"))
 
 
 def summarize(out_root: str, title: str) -> str:
