@@ -133,14 +133,14 @@ def render_fill(
 
 
 def perturb_photometry(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Apply random blur, gamma, colour cast, contrast, brightness and noise, then quantise.
+    """Apply random blur, gamma, colour cast, contrast, brightness and noise.
 
     Args:
         rng: Source of randomness.
         image: float32 (H, W, 3) in [0, 1].
 
     Returns:
-        uint8 array (H, W, 3).
+        float32 array (H, W, 3), not clipped.
     """
     if rng.random() < BLUR_PROBABILITY:
         sigma = rng.uniform(*BLUR_SIGMA_RANGE)
@@ -151,5 +151,4 @@ def perturb_photometry(rng: np.random.Generator, image: np.ndarray) -> np.ndarra
     brightness = np.float32(rng.uniform(*BRIGHTNESS_RANGE))
     image = brightness + (image - image.mean()) * contrast
     noise_sigma = np.float32(rng.uniform(*NOISE_SIGMA_RANGE))
-    image = image + noise_sigma * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return image + noise_sigma * rng.standard_normal(image.shape, dtype=np.float32)

@@ -41,6 +41,8 @@ class SceneStyle:
         max_distractors: unlabelled strokes per image are drawn uniformly from 0 to this.
         min_object_size_px: smallest object size at REFERENCE_IMAGE_SIZE.
         max_object_size_fraction: largest (non-backdrop) object size, as a fraction of the image.
+        photometric_changes: change each image's gamma, colour balance, contrast, brightness,
+            sharpness and noise (what makes per-image statistics differ).
     """
 
     max_objects: int = 20
@@ -48,15 +50,17 @@ class SceneStyle:
     max_distractors: int = 6
     min_object_size_px: float = 6.0
     max_object_size_fraction: float = 0.8
+    photometric_changes: bool = True
 
 
 # "standard" is the set of the norm study: crowded, small objects, occlusion and clutter.
-# "simple" keeps every appearance change (backgrounds, colour casts, noise) but has fewer and
-# larger objects and no clutter: a small detector learns it from scratch in minutes on a CPU.
+# "simple" has fewer and larger objects, no clutter and no per-image photometric changes (the
+# backgrounds still vary): a small detector learns it from scratch in minutes on a CPU.
 SCENE_STYLES = {
     "standard": SceneStyle(),
     "simple": SceneStyle(max_objects=6, backdrop_probability=0.0, max_distractors=0,
-                         min_object_size_px=16.0, max_object_size_fraction=0.7),
+                         min_object_size_px=16.0, max_object_size_fraction=0.7,
+                         photometric_changes=False),
 }
 BACKDROP_SIZE_FRACTIONS = (1.2, 1.8)
 # Keeps thin rectangles and ellipses at least this many pixels wide.
@@ -182,7 +186,9 @@ def render_shapes_image(
     for shape, visible in _sample_visible_shapes(rng, image_size, style):
         blend_into(canvas, shape.footprint, _contrasting_fill(rng, canvas, shape.footprint))
         instances.append(ShapeInstance(shape.category_id, visible))
-    return perturb_photometry(rng, canvas), instances
+    if style.photometric_changes:
+        canvas = perturb_photometry(rng, canvas)
+    return np.round(np.clip(canvas, 0.0, 1.0) * 255.0).astype(np.uint8), instances
 
 
 def _sample_visible_shapes(

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_demo(config_file: str, output_dir: str, *, num_train: int, num_val: int,
-             image_size: int = 128, seed: int = 0, opts: Sequence[str] = ()) -> dict:
+             image_size: int = 128, seed: int = 0, style: str = "simple",
+             opts: Sequence[str] = ()) -> dict:
     """Train `config_file` on the shapes set (generated first if missing) and report.
 
     Writes to `output_dir`: Detectron2's logs, metrics.json and checkpoints; `results.json` (COCO AP
@@ -30,7 +31,7 @@ def run_demo(config_file: str, output_dir: str, *, num_train: int, num_val: int,
 
     Args:
         config_file: a config training on shapes_train and testing on shapes_val.
-        num_train, num_val, image_size, seed: the shapes set to use (or generate).
+        num_train, num_val, image_size, seed, style: the shapes set to use (or generate).
         opts: KEY VALUE overrides applied last.
 
     Returns:
@@ -38,8 +39,8 @@ def run_demo(config_file: str, output_dir: str, *, num_train: int, num_val: int,
     """
     dataset_dir = default_shapes_dir()
     if not shapes_dataset_exists(dataset_dir, num_train=num_train, num_val=num_val,
-                                 image_size=image_size, seed=seed):
-        generate_shapes_dataset(dataset_dir, num_train, num_val, image_size, seed)
+                                 image_size=image_size, seed=seed, style=style):
+        generate_shapes_dataset(dataset_dir, num_train, num_val, image_size, seed, style=style)
 
     cfg = get_cfg()
     add_mabn_config(cfg)
