@@ -56,7 +56,7 @@ def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "") -
 
 
 def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
-                     score_threshold: float = 0.5) -> List[str]:
+                     score_threshold: float = 0.3) -> List[str]:
     """Draw the model's predictions on the first `count` images of `dataset_name`.
 
     Args:
@@ -76,7 +76,7 @@ def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
         image = read_image(record["file_name"], format="BGR")
         with torch.no_grad():
             instances = predictor(image)["instances"].to("cpu")
-        # Twice the size: the shapes images are small.
+        # Three times the size: the shapes images are small.
         drawn = Visualizer(image[:, :, ::-1], metadata, scale=3.0).draw_instance_predictions(instances)
         path = os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
         drawn.save(path)
