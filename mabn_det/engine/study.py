@@ -2,6 +2,7 @@
 BN over 16 images, BN over 2, GN over 2 and MABN over 2 (buffer 8 ⇒ statistics of 16 images)."""
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -95,8 +96,10 @@ def _run_one(run: StudyRun) -> Dict:
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
+    # Detectron2 reports NaN when the model predicts nothing at all, which COCO would score 0.
     record = {"arm": run.arm, "seed": run.seed,
-              "bbox_AP": results["bbox"]["AP"], "segm_AP": results["segm"]["AP"]}
+              **{f"{task}_AP": 0.0 if math.isnan(results[task]["AP"]) else results[task]["AP"]
+                 for task in ("bbox", "segm")}}
     with open(os.path.join(run.output_dir, "result.json"), "w") as f:
         json.dump(record, f, indent=2)
     return record
