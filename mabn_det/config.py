@@ -1,12 +1,13 @@
 """`cfg.MODEL.MABN` and the checks that make a config with NORM: "MABN" safe to build."""
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .layers import check_mabn_hyperparameters
 
-__all__ = ["add_mabn_config", "check_mabn_config", "get_key", "mabn_layer_kwargs", "set_key",
-           "stock_inference_config", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
+__all__ = ["add_mabn_config", "check_mabn_config", "get_key", "load_config", "mabn_layer_kwargs",
+           "set_key", "stock_inference_config", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
@@ -51,6 +52,20 @@ def add_mabn_config(cfg: CN) -> None:
     # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
     # each forward sees IMS_PER_BATCH / (GPUs · GRAD_ACCUMULATION_STEPS) images per GPU.
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
+
+
+def load_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
+    """Detectron2's defaults with `cfg.MODEL.MABN`, then `config_file`, then KEY VALUE `opts`.
+
+    Returns:
+        A config that is not frozen, so callers can still set what their tool decides.
+    """
+    cfg = get_cfg()
+    add_mabn_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list([str(x) for x in opts])
+    return cfg
 
 
 def get_key(cfg: CN, dotted: str):
