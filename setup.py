@@ -1,5 +1,9 @@
 """mabn_det: Moving Average Batch Normalization (Yan et al., ICLR 2020) for Detectron2.
 
+Two packages: `mabn_det`, the plugin (layer, config, registered builders and heads, trainer,
+export), and `mabn_experiments` beside it (synthetic shapes set, demo, norm study, plots), which
+alone needs scikit-image, SciPy, matplotlib and OpenCV.
+
 Detectron2 itself is not on PyPI and is therefore not listed below; `make setup` (or
 `python tools/install_detectron2.py`) installs it when it is missing.
 """
@@ -20,6 +24,7 @@ setup(
         "iopath",
         "pycocotools",
         "numpy<2",
+        # The rest is for mabn_experiments. Plots:
         "matplotlib",
         # Detectron2's Visualizer (prediction pictures) imports cv2.
         "opencv-python-headless",
@@ -28,5 +33,7 @@ setup(
         # Natural photographs used as backgrounds of the synthetic shapes set.
         "scikit-image",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "onnx"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "onnx"],
+                    # benchmarks/bench_inference.py
+                    "bench": ["onnx", "onnxruntime"]},
 )

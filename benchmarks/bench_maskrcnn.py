@@ -20,17 +20,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from mabn_det import add_mabn_config
-from mabn_det.config import MABN_NORM_SITES, set_key
+from mabn_det.config import MABN_NORM_SITES, load_config, set_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "Base-MABN-RCNN-FPN.yaml")
 
 
 def _model(norm: str, device: str):
-    cfg = get_cfg()
-    add_mabn_config(cfg)
-    cfg.merge_from_file(CONFIG)
+    cfg = load_config(CONFIG)
     for key in MABN_NORM_SITES:
         set_key(cfg, key, norm)
     cfg.MODEL.DEVICE = device

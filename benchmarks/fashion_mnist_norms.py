@@ -14,7 +14,7 @@ cosine decay, weight decay 1e-4. Only the norm differs:
 - ``BN@2``: BatchNorm2d, 16 micro-batches of 2 with gradient accumulation per step (what 16 devices
   holding 2 images each would do without synchronised BN).
 - ``GN@2``: GroupNorm with 8 groups, same 16 × 2 schedule.
-- ``MABN@2``: MABN2d after WeightCentredConv2d (the first conv included), same 16 × 2 schedule.
+- ``MABN@2``: MABN2d after CentredConv2d (the first conv included), same 16 × 2 schedule.
   MABN counts micro-batches, so its hyper-parameters are in micro-steps: buffer_size 16 (statistics
   of 16 × 2 = 32 images), warm-up and renormalisation warm-up over the first 5 % and 10 % of the
   run's micro-steps (750 and 1499 at the default 0.5 epoch, about 47 and 94 optimizer steps),
@@ -35,12 +35,10 @@ Writes ``OUT/results.md`` (Markdown table), ``OUT/results.json`` (per-run result
 ``OUT/accuracy.png`` (bar chart with the standard deviation over seeds), ``OUT`` from ``--out``.
 """
 import argparse
-import concurrent.futures
 import datetime
 import gzip
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shlex
@@ -51,7 +49,6 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -61,7 +58,9 @@ from torch import nn
 # Detectron2's import-time use of torch.jit.script warns once per process (each worker included).
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 from detectron2.layers import Conv2d  # noqa: E402
-from mabn_det.layers import MABN2d, WeightCentredConv2d  # noqa: E402
+from mabn_det.layers import CentredConv2d, MABN2d  # noqa: E402
+from mabn_experiments.plots import bar_chart  # noqa: E402
+from mabn_experiments.runs import markdown_table, mean_and_std, run_in_processes  # noqa: E402
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SIZE = 60_000
@@ -98,7 +97,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def load_split(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``train`` or ``t10k`` as normalised (N, 1, 28, 28) float images and int64 labels."""
     images = read_idx(DATA_DIR / f"{split}-images-idx3-ubyte.gz")
     labels = read_idx(DATA_DIR / f"{split}-labels-idx1-ubyte.gz")
@@ -106,7 +105,7 @@ def load_split(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return (x - PIXEL_MEAN) / PIXEL_STD, torch.from_numpy(labels.astype(np.int64))
 
 
-def mabn_iters(total_micro_steps: int) -> Tuple[int, int]:
+def mabn_iters(total_micro_steps: int) -> tuple[int, int]:
     """MABN warm-up and renorm warm-up, in micro-steps, as fixed fractions of the run's length."""
     return (round(MABN_WARMUP_FRACTION * total_micro_steps),
             round(MABN_RENORM_FRACTION * total_micro_steps))
@@ -123,7 +122,7 @@ def make_conv(arm: str, c_in: int, c_out: int, total_micro_steps: int) -> Conv2d
     # MABN drops the mean subtraction, which is only safe after a weight-centred conv.
     norm = MABN2d(c_out, buffer_size=MABN_BUFFER, warmup_iters=warmup,
                   renorm_warmup_iters=renorm_warmup, renorm_clip=MABN_CLIP, momentum=MABN_MOMENTUM)
-    return WeightCentredConv2d(c_in, c_out, norm=norm, **kwargs)
+    return CentredConv2d(c_in, c_out, norm=norm, **kwargs)
 
 
 def build_net(arm: str, total_micro_steps: int) -> nn.Sequential:
@@ -172,8 +171,9 @@ def evaluate(net: nn.Module) -> float:
     return 100.0 * correct / len(y)
 
 
-def run_one(arm: str, seed: int, epochs: float, lr: float) -> Dict:
-    """Train one (arm, seed) with one thread and return its result record."""
+def run_one(task: tuple[str, int, float, float]) -> dict:
+    """Train one (arm, seed, epochs, lr) with one thread and return its result record."""
+    arm, seed, epochs, lr = task
     torch.set_num_threads(1)
     start = time.time()
     steps = int(epochs * TRAIN_SIZE / OPTIMIZER_BATCH)
@@ -197,60 +197,29 @@ def run_one(arm: str, seed: int, epochs: float, lr: float) -> Dict:
             "final_train_loss": statistics.fmean(losses[-50:]), "seconds": time.time() - start}
 
 
-def run_all(arms: List[str], seeds: int, epochs: float, lr: float, workers: int) -> List[Dict]:
-    """Run every (arm, seed), ``workers`` processes at a time, logging each finished run."""
-    jobs = [(arm, seed, epochs, lr) for seed in range(seeds) for arm in arms]
-    results, start = [], time.time()
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, *job) for job in jobs]
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            r = future.result()
-            results.append(r)
-            print(f"[{done}/{len(jobs)} {time.time() - start:6.0f}s] {r['arm']:7s} seed {r['seed']}:"
-                  f" acc {r['accuracy']:.2f} %, train loss {r['final_train_loss']:.3f},"
-                  f" {r['seconds']:.0f}s", flush=True)
-    return sorted(results, key=lambda r: (arms.index(r["arm"]), r["seed"]))
+def run_all(arms: list[str], seeds: int, epochs: float, lr: float, workers: int) -> list[dict]:
+    """Run every (arm, seed), ``workers`` processes at a time."""
+    tasks = [(arm, seed, epochs, lr) for seed in range(seeds) for arm in arms]
+    return run_in_processes(run_one, tasks, workers, desc="Fashion-MNIST runs")
 
 
-def summarise(results: List[Dict], arms: List[str]) -> List[Dict]:
+def summarise(results: list[dict], arms: list[str]) -> list[dict]:
     """Per-arm mean and standard deviation of accuracy over seeds (std 0 for a single seed)."""
     rows = []
     for arm in arms:
         accs = [r["accuracy"] for r in results if r["arm"] == arm]
-        rows.append({"arm": arm, "norm_batch": ARM_NORM_BATCH[arm], "accs": accs,
-                     "mean": statistics.fmean(accs),
-                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+        mean, std = mean_and_std(accs)
+        rows.append({"arm": arm, "norm_batch": ARM_NORM_BATCH[arm], "accs": accs, "mean": mean,
+                     "std": std})
     return rows
 
 
-def markdown_table(rows: List[Dict]) -> str:
+def results_table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
-    lines = ["| arm | norm batch | optimizer batch | accuracy % (mean ± std) | per seed |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        per_seed = ", ".join(f"{a:.2f}" for a in row["accs"])
-        lines.append(f"| {row['arm']} | {row['norm_batch']} | {OPTIMIZER_BATCH} |"
-                     f" {row['mean']:.2f} ± {row['std']:.2f} | {per_seed} |")
-    return "\n".join(lines)
-
-
-def plot(rows: List[Dict], path: Path) -> None:
-    """Bar chart of mean accuracy per arm with the std over seeds as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on a benchmark machine
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    means = [r["mean"] for r in rows]
-    ax.bar([r["arm"] for r in rows], means, yerr=[r["std"] for r in rows], capsize=6,
-           color="#4c72b0")
-    ax.set_ylim(min(means) - 5, max(means) + 3)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST, optimizer batch 32")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return markdown_table(
+        ["arm", "norm batch", "optimizer batch", "accuracy % (mean ± std)", "per seed"],
+        [[r["arm"], r["norm_batch"], OPTIMIZER_BATCH, f"{r['mean']:.2f} ± {r['std']:.2f}",
+          ", ".join(f"{a:.2f}" for a in r["accs"])] for r in rows])
 
 
 def environment() -> str:
@@ -269,7 +238,7 @@ def environment() -> str:
     ])
 
 
-def settings(epochs: float, lr: float, arms: List[str]) -> str:
+def settings(epochs: float, lr: float, arms: list[str]) -> str:
     """The shared schedule and the MABN hyper-parameters of this run."""
     steps = int(epochs * TRAIN_SIZE / OPTIMIZER_BATCH)
     warmup, renorm_warmup = mabn_iters(steps * OPTIMIZER_BATCH // 2)
@@ -326,12 +295,14 @@ def main() -> int:
     start = time.time()
     results = run_all(args.arms, args.seeds, args.epochs, args.lr, args.workers)
     rows = summarise(results, args.arms)
-    table = markdown_table(rows)
+    table = results_table(rows)
     print(f"\n{table}\n\nwall time: {time.time() - start:.0f}s")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(f"```\n{header}\n```\n\n{table}\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(rows, args.out / "accuracy.png")
+    bar_chart([r["arm"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
+              "test accuracy (%)", str(args.out / "accuracy.png"),
+              f"Fashion-MNIST, optimizer batch {OPTIMIZER_BATCH}", zoom=True)
     print(f"wrote {args.out}/results.md, results.json, accuracy.png")
     return 0
 

@@ -1,6 +1,8 @@
 """mabn_det: Moving Average Batch Normalization (Yan et al., ICLR 2020) for Detectron2.
 
-Importing the package registers its backbones and ROI heads in Detectron2's registries.
+Importing the package registers its backbones and ROI heads in Detectron2's registries. It imports
+nothing beyond torch and Detectron2 and registers no dataset; the synthetic shapes set, the demo and
+the norm study live beside it, in `mabn_experiments`.
 """
 try:
     import detectron2  # noqa: F401
@@ -11,9 +13,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "the current environment); or install your own build of detectron2."
     ) from e
 
-from . import data, modeling  # noqa: F401  (registers datasets, backbones and heads)
-from .config import add_mabn_config, check_mabn_config
-from .layers import MABN2d, WeightCentredConv2d, convert_to_inference_form
+from . import modeling as _  # noqa: F401  (only registration)
+from .config import add_mabn_config, check_mabn_config, load_config
+from .layers import CentredConv2d, MABN2d, convert_to_inference_form
 
-__all__ = ["MABN2d", "WeightCentredConv2d", "add_mabn_config", "check_mabn_config",
-           "convert_to_inference_form"]
+__all__ = ["CentredConv2d", "MABN2d", "add_mabn_config", "check_mabn_config",
+           "convert_to_inference_form", "load_config"]

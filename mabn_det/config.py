@@ -1,13 +1,15 @@
-"""`cfg.MODEL.MABN` and the checks that make a config with NORM: "MABN" safe to build."""
-from typing import Iterator, Optional, Sequence, Tuple
+"""`cfg.MODEL.MABN`, the checks that make a config with NORM: "MABN" safe to build, and the
+resolution of the string "MABN" into a layer factory that Detectron2's constructors accept."""
+import functools
+from typing import Iterator, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .layers import check_mabn_hyperparameters
+from .layers import MABN2d, check_mabn_hyperparameters
 
 __all__ = ["add_mabn_config", "check_mabn_config", "get_key", "load_config", "mabn_layer_kwargs",
-           "set_key", "stock_inference_config", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
+           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
@@ -45,8 +47,9 @@ def add_mabn_config(cfg: CN) -> None:
     cfg.MODEL.MABN.MOMENTUM = 0.02
     # Added to the second moment before the square root; > 0.
     cfg.MODEL.MABN.EPS = 1e-5
-    # Centre the weights of every conv that feeds an MABN layer (needed: MABN drops the mean).
-    cfg.MODEL.MABN.WEIGHT_CENTRALIZATION = True
+    # Make every conv that feeds an MABN layer a CentredConv2d, whose filters have mean 0 (needed:
+    # MABN drops the mean subtraction).
+    cfg.MODEL.MABN.CENTRED_CONV = True
     # Every LOG_PERIOD iterations, MABN diagnostics go to the EventStorage; 0 turns them off.
     cfg.MODEL.MABN.LOG_PERIOD = 20
     # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
@@ -54,7 +57,7 @@ def add_mabn_config(cfg: CN) -> None:
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
 
 
-def load_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
+def load_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CN:
     """Detectron2's defaults with `cfg.MODEL.MABN`, then `config_file`, then KEY VALUE `opts`.
 
     Returns:
@@ -143,6 +146,24 @@ def check_mabn_config(cfg: CN) -> None:
             raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE must be all False with MABN "
                              "(a deformable conv cannot be weight-centred), got "
                              f"{cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE}")
+
+
+def with_mabn_norms(cfg: CN) -> CN:
+    """A copy of `cfg` where every supported NORM equal to "MABN" is an MABN2d factory.
+
+    Detectron2's `get_norm` is a closed table of strings but calls any callable it is given with the
+    channel count, and every constructor we reuse passes its norm through `get_norm`; so the stock
+    modules built from this copy hold MABN2d layers. Other values ("BN", "GN", "SyncBN", "", ...) are
+    left for Detectron2 to resolve, so norms mix. `cfg` itself (and the config.yaml dumped from it)
+    keeps the string.
+    """
+    factory = functools.partial(MABN2d, **mabn_layer_kwargs(cfg))
+    resolved = cfg.clone()
+    resolved.defrost()
+    for key in MABN_NORM_SITES:
+        if get_key(resolved, key) == MABN_NORM:
+            set_key(resolved, key, factory)
+    return resolved
 
 
 def stock_inference_config(cfg: CN) -> CN:

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 
 from mabn_det.config import stock_inference_config
 from mabn_det.layers import MABN2d
-from tests.conftest import REPO, make_cfg
+from tests.common import REPO, make_cfg
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 

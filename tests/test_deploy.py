@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from mabn_det.deploy import export_for_stock_detectron2
-from tests.conftest import make_cfg, synthetic_image
+from tests.common import make_cfg, synthetic_image
 
 STOCK_PREDICT = r"""
 import json, sys, torch

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.common import REPO
 
 
 def _pip_freeze():

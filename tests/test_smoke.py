@@ -1,10 +1,14 @@
 """The environment works: Detectron2 imports beside mabn_det and a stock Mask R-CNN trains on CPU."""
+import json
+import subprocess
+import sys
+
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import mabn_det  # noqa: F401
-from tests.conftest import make_cfg, synthetic_image
+from tests.common import REPO, make_cfg, synthetic_image
 
 
 def test_stock_mask_rcnn_trains_one_step_on_cpu():
@@ -25,3 +29,32 @@ def test_stock_mask_rcnn_trains_one_step_on_cpu():
         optimizer.step()
     assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls"} <= set(losses)
     assert torch.isfinite(total)
+
+
+def test_import_loads_only_torch_and_detectron2_and_registers_no_dataset():
+    """`import mabn_det` in a fresh process: no experiment dependency, no dataset, nothing printed."""
+    code = """
+import json, sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import mabn_det
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import BACKBONE_REGISTRY
+print(json.dumps({
+    "modules": sorted({m.split(".")[0] for m in sys.modules}),
+    "datasets": DatasetCatalog.list(),
+    "ours_warned": [str(w.message) for w in caught if "mabn" in w.filename],
+    "registered": "build_mabn_resnet_fpn_backbone" in BACKBONE_REGISTRY,
+}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.stdout.strip().count("\n") == 0, "import printed something"
+    # (Detectron2's engine itself imports cv2, so it is not ours to avoid.)
+    heavy = {"skimage", "scipy", "matplotlib", "mabn_experiments", "sklearn"}
+    assert heavy.isdisjoint(report["modules"]), heavy & set(report["modules"])
+    assert not [d for d in report["datasets"] if d.startswith("shapes")]
+    assert report["ours_warned"] == []
+    assert report["registered"]

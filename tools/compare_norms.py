@@ -12,8 +12,8 @@ covers every run found in OUT.
 import argparse
 import os
 
-from mabn_det.data import generate_shapes_dataset, shapes_dataset_exists
-from mabn_det.engine.study import ARMS, run_study, summarize
+from mabn_experiments.shapes import generate_shapes_dataset, shapes_dataset_exists
+from mabn_experiments.study import ARMS, run_study, summarise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (train images, val images, image size) of the generated set, and the schedule overrides.
@@ -49,7 +49,7 @@ def main() -> None:
         run_study(args.config_file, dataset_dir, out, args.arms, args.seeds,
                   [*mode["opts"], *args.opts], args.jobs)
     title = f"shapes {num_train} images at {size} px{' (tiny: pipeline check only)' if args.tiny else ''}"
-    print(summarize(out, title))
+    print(summarise(out, title))
 
 
 if __name__ == "__main__":

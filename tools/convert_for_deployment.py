@@ -8,9 +8,7 @@
 """
 import argparse
 
-from detectron2.config import get_cfg
-
-from mabn_det import add_mabn_config
+from mabn_det.config import load_config
 from mabn_det.deploy import export_for_stock_detectron2
 
 
@@ -21,10 +19,7 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="directory for model_final.pth and config.yaml")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
-    cfg = get_cfg()
-    add_mabn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     print("wrote", export_for_stock_detectron2(cfg, args.weights, args.output))
 
 

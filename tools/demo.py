@@ -7,7 +7,7 @@ there is one (else on the CPU), evaluates COCO box and mask AP, and writes outpu
 import argparse
 import os
 
-from mabn_det.engine.demo import run_demo
+from mabn_experiments.demo import run_demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,17 +6,19 @@ Usage:
     python tools/make_shapes.py --style simple ...   # fewer, larger objects, no clutter
 
 Writes OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json. Equal arguments give
-byte-identical files. ``mabn_det.data`` registers ``$DETECTRON2_DATASETS/shapes`` (default
-``datasets/shapes``) as ``shapes_train`` / ``shapes_val``, which is the default --out.
+byte-identical files. ``mabn_experiments.shapes.register_shapes_datasets()`` registers
+``$DETECTRON2_DATASETS/shapes`` (default ``datasets/shapes``, the default --out) as ``shapes_train``
+/ ``shapes_val``.
 """
 import argparse
 
-from mabn_det.data import (
+from mabn_experiments.shapes import (
     DEFAULT_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     SCENE_STYLES,
     default_shapes_dir,
     generate_shapes_dataset,
+    require_integer_at_least,
 )
 
 
@@ -27,11 +29,11 @@ def integer_at_least(minimum: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be an integer ≥ {minimum}, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be ≥ {minimum}, got {value}")
+            value = text
+        try:
+            require_integer_at_least("", value, minimum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
         return value
 
     return parse

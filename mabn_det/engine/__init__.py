@@ -1,5 +1,4 @@
 from .hooks import MABNDiagnostics
-from .optimizer import build_mabn_optimizer, mabn_aware_param_groups
 from .sampler import ResumableTrainingSampler
 from .trainer import GradientAccumulationTrainer, Trainer
 
@@ -8,6 +7,4 @@ __all__ = [
     "MABNDiagnostics",
     "ResumableTrainingSampler",
     "Trainer",
-    "build_mabn_optimizer",
-    "mabn_aware_param_groups",
 ]

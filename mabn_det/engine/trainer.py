@@ -1,4 +1,4 @@
-"""The training loop shared by tools/train_net.py, the demo and the norm comparison."""
+"""The Trainer behind tools/train_net.py (and the demo and norm study beside the package)."""
 import contextlib
 import logging
 import os
@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import check_mabn_config
 from .hooks import MABNDiagnostics
-from .optimizer import build_mabn_optimizer
+from ..solver import build_mabn_optimizer
 from .sampler import ResumableTrainingSampler
 
 __all__ = ["GradientAccumulationTrainer", "Trainer"]

@@ -5,7 +5,7 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
-from .cen_conv import WeightCentredConv2d
+from .centred_conv import CentredConv2d
 from .mabn import MABN2d
 
 __all__ = ["convert_to_inference_form"]
@@ -52,7 +52,7 @@ def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
     is kept (their class is swapped), so containers that hold them in plain lists keep working.
 
     Args:
-        model: any module; only MABN2d and WeightCentredConv2d instances are changed.
+        model: any module; only MABN2d and CentredConv2d instances are changed.
         fold_into_conv: also fold each such FrozenBatchNorm2d into the Conv2d that feeds it, leaving
             a conv with a bias and no norm (fastest; the state dict no longer matches a FrozenBN model).
         inplace: modify `model` itself instead of a deep copy.
@@ -63,7 +63,7 @@ def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     for m in model.modules():
-        if isinstance(m, WeightCentredConv2d):
+        if isinstance(m, CentredConv2d):
             m.weight.copy_(m.centred_weight())
             m.__class__ = Conv2d
     _replace_mabn(model)

@@ -7,15 +7,14 @@ from detectron2.modeling.roi_heads import (
     MaskRCNNConvUpsampleHead,
 )
 
-from ..config import check_mabn_config
-from ..layers import centre_convs_before_mabn_
-from .norm import with_mabn_norms
+from ..config import check_mabn_config, with_mabn_norms
+from ..layers import CentredConv2d
 
 __all__ = ["MABNFastRCNNConvFCHead", "MABNMaskRCNNConvUpsampleHead"]
 
 
 class _MABNHeadMixin:
-    """Reads the head's NORM through `with_mabn_norms` and centres the convs that feed MABN.
+    """Reads the head's NORM through `with_mabn_norms` and makes the convs that feed MABN centred.
 
     Head batches are RoIs (ROI_HEADS.BATCH_SIZE_PER_IMAGE × images), and the mask head may see none
     at all; MABN2d leaves its statistics untouched for such an empty batch.
@@ -25,15 +24,15 @@ class _MABNHeadMixin:
     def from_config(cls, cfg, input_shape):
         check_mabn_config(cfg)
         ret = super().from_config(with_mabn_norms(cfg), input_shape)
-        ret["centre_weights"] = cfg.MODEL.MABN.WEIGHT_CENTRALIZATION
+        ret["centred_conv"] = cfg.MODEL.MABN.CENTRED_CONV
         return ret
 
     @configurable
-    def __init__(self, *args, centre_weights: bool = True, **kwargs):
-        """Args: centre_weights: weight-centre the convs followed by MABN2d; others: the parent's."""
+    def __init__(self, *args, centred_conv: bool = True, **kwargs):
+        """Args: centred_conv: make the convs followed by MABN2d CentredConv2d; others: the parent's."""
         super().__init__(*args, **kwargs)
-        if centre_weights:
-            centre_convs_before_mabn_(self)
+        if centred_conv:
+            CentredConv2d.convert_convs_before_mabn(self)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()

@@ -6,7 +6,7 @@ from detectron2.modeling import build_backbone
 from detectron2.utils.events import EventStorage
 
 from mabn_det.engine import MABNDiagnostics
-from tests.conftest import make_cfg
+from tests.common import make_cfg
 
 
 def _backbone():

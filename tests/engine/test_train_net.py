@@ -7,13 +7,13 @@ import sys
 
 import torch
 
-from mabn_det.engine.cli import argument_parser, main
-from tests.conftest import TINY_MABN_CONFIG
-from tests.engine.conftest import REPO, TRAIN_NET, train_opts
+from tests.common import REPO, TINY_MABN_CONFIG, TRAIN_NET, load_tool, train_opts
+
+train_net = load_tool("train_net")
 
 
 def _run_in_process(args):
-    return main(argument_parser().parse_args(args))
+    return train_net.main(train_net.argument_parser().parse_args(args))
 
 
 def _register(tiny_coco, name="tiny_train"):

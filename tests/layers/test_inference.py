@@ -5,14 +5,14 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
 import mabn_det
-from mabn_det.layers import MABN2d, WeightCentredConv2d, convert_to_inference_form
+from mabn_det.layers import MABN2d, CentredConv2d, convert_to_inference_form
 
 
 def _trained_net():
     torch.manual_seed(0)
     net = nn.Sequential(
-        WeightCentredConv2d(3, 8, 3, padding=1, bias=False, norm=MABN2d(8, buffer_size=2, warmup_iters=2, renorm_warmup_iters=3), activation=nn.ReLU()),
-        WeightCentredConv2d(8, 4, 3, padding=1, bias=False, norm=MABN2d(4, buffer_size=2, warmup_iters=2, renorm_warmup_iters=3)),
+        CentredConv2d(3, 8, 3, padding=1, bias=False, norm=MABN2d(8, buffer_size=2, warmup_iters=2, renorm_warmup_iters=3), activation=nn.ReLU()),
+        CentredConv2d(8, 4, 3, padding=1, bias=False, norm=MABN2d(4, buffer_size=2, warmup_iters=2, renorm_warmup_iters=3)),
     )
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(8):
@@ -61,4 +61,4 @@ def test_inference_form_traces_and_exports_to_onnx():
 
 
 def test_public_api_exports():
-    assert mabn_det.MABN2d is MABN2d and mabn_det.WeightCentredConv2d is WeightCentredConv2d
+    assert mabn_det.MABN2d is MABN2d and mabn_det.CentredConv2d is CentredConv2d

@@ -5,9 +5,9 @@ from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from mabn_det.engine import mabn_aware_param_groups
-from mabn_det.layers import MABN2d, WeightCentredConv2d
-from tests.conftest import make_cfg
+from mabn_det.solver import mabn_aware_param_groups
+from mabn_det.layers import MABN2d, CentredConv2d
+from tests.common import make_cfg
 
 
 def _mabn_convs(model):
@@ -19,7 +19,7 @@ def test_every_mabn_site_is_weight_centred():
     convs = _mabn_convs(model)
     n_mabn = sum(isinstance(m, MABN2d) for m in model.modules())
     assert n_mabn == len(convs) > 0
-    assert all(type(c) is WeightCentredConv2d for c in convs)
+    assert all(type(c) is CentredConv2d for c in convs)
     prefixes = {name.split(".")[0] + "." + name.split(".")[1] for name, m in model.named_modules()
                 if isinstance(m, MABN2d)}
     assert {"backbone.bottom_up", "backbone.fpn_lateral2", "roi_heads.box_head",
@@ -49,8 +49,8 @@ def test_adding_a_constant_per_filter_changes_no_output():
 
 
 def test_centralisation_can_be_turned_off():
-    model = build_model(make_cfg(opts=["MODEL.MABN.WEIGHT_CENTRALIZATION", "False"]))
-    assert not any(isinstance(m, WeightCentredConv2d) for m in model.modules())
+    model = build_model(make_cfg(opts=["MODEL.MABN.CENTRED_CONV", "False"]))
+    assert not any(isinstance(m, CentredConv2d) for m in model.modules())
     assert len(_mabn_convs(model)) > 0
 
 
@@ -100,7 +100,7 @@ def test_mabn_parameters_get_norm_weight_decay():
     for m in model.modules():
         if isinstance(m, MABN2d):
             assert decay[id(m.weight)] == 0.0 and decay[id(m.bias)] == 0.0
-        elif isinstance(m, WeightCentredConv2d):
+        elif isinstance(m, CentredConv2d):
             assert decay[id(m.weight)] == 1e-4
 
 

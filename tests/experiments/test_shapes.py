@@ -19,7 +19,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from mabn_det.data import (
+from mabn_experiments.shapes import (
     SHAPE_CLASS_NAMES,
     default_shapes_dir,
     generate_shapes_dataset,
@@ -28,12 +28,12 @@ from mabn_det.data import (
     render_shapes_image,
     shapes_dataset_exists,
 )
-from mabn_det.data.appearance import TEXTURE_NAMES, load_texture
-from mabn_det.data.raster import polygons_footprint
-from mabn_det.data.scenes import MIN_VISIBLE_PIXELS, SCENE_STYLES, SHAPE_CLASSES
+from mabn_experiments.shapes.appearance import TEXTURE_NAMES, load_texture
+from mabn_experiments.shapes.raster import polygons_footprint
+from mabn_experiments.shapes.scenes import MIN_VISIBLE_PIXELS, SCENE_STYLES, SHAPE_CLASSES
 
 MAX_OBJECTS = SCENE_STYLES["standard"].max_objects
-from mabn_det.data.shapes import SPLITS, image_rng, split_annotation_file
+from mabn_experiments.shapes.generator import SPLITS, image_rng, split_annotation_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(num_train=4, num_val=2, image_size=96, seed=0)
@@ -209,12 +209,13 @@ def test_metadata_is_known_before_the_dataset_exists(tmp_path):
     assert metadata.json_file == str(dataset_dir / "annotations" / "instances_train.json")
 
 
-def test_import_registers_default_names_and_keeps_them(tmp_path):
+def test_registers_default_names_once_and_keeps_them(tmp_path):
     expected = {f"shapes_{split}": os.path.join(default_shapes_dir(), split) for split in SPLITS}
 
     def registered_image_roots():
         return {name: MetadataCatalog.get(name).image_root for name in expected}
 
+    register_shapes_datasets()
     assert set(expected) <= set(DatasetCatalog.list())
     assert registered_image_roots() == expected
     assert register_shapes_datasets(tmp_path) == []
@@ -246,7 +247,7 @@ def test_cli_rejects_too_small_size_naming_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_shapes.main(["--out", str(tmp_path), "--size", "8"])
     assert exit_info.value.code == 2
-    assert "argument --size: must be ≥ 32, got 8" in capsys.readouterr().err
+    assert "argument --size: must be an integer ≥ 32, got 8" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

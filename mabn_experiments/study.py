@@ -1,25 +1,23 @@
 """The paper's comparison in miniature: the same detector, data, schedule and optimizer batch for
 BN over 16 images, BN over 2, GN over 2 and MABN over 2 (buffer 8 ⇒ statistics of 16 images)."""
-import concurrent.futures
 import json
 import math
-import multiprocessing
 import os
-import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
-from tqdm import tqdm
 
-from ..config import MABN_NORM_SITES, add_mabn_config, set_key
-from ..data import register_shapes_split
-from .reports import bar_chart, plot_training_curves
-from .trainer import Trainer
+from mabn_det.config import MABN_NORM_SITES, load_config, set_key
+from mabn_det.engine import Trainer
 
-__all__ = ["ARMS", "Arm", "configure_arm", "run_study", "summarize"]
+from .plots import bar_chart, plot_training_curves
+from .runs import markdown_table, mean_and_std, run_in_processes, threads_per_job
+from .shapes import register_shapes_split
+
+__all__ = ["ARMS", "Arm", "configure_arm", "run_study", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Arm:
 
     norm: str
     micro_batches: int
-    mabn_buffer: Optional[int] = None
+    mabn_buffer: int | None = None
 
 
 ARMS: Dict[str, Arm] = {
@@ -82,9 +80,7 @@ def _run_one(run: StudyRun) -> Dict:
     torch.set_num_threads(run.threads)
     for split in ("train", "val"):
         register_shapes_split(f"study_{split}", run.dataset_dir, split)
-    cfg = get_cfg()
-    add_mabn_config(cfg)
-    cfg.merge_from_file(run.config_file)
+    cfg = load_config(run.config_file)
     configure_arm(cfg, ARMS[run.arm])
     cfg.merge_from_list(["DATASETS.TRAIN", "('study_train',)", "DATASETS.TEST", "('study_val',)",
                          "SEED", str(run.seed), "OUTPUT_DIR", run.output_dir,
@@ -110,19 +106,16 @@ def run_study(config_file: str, dataset_dir: str, out_root: str, arms: Sequence[
     """Train every (arm, seed), `jobs` at a time, each in a fresh process; returns their records.
 
     Each run writes `out_root/<arm>/seed<k>/` (logs, metrics.json, result.json), so runs made in
-    separate invocations merge in `summarize`.
+    separate invocations merge in `summarise`.
     """
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     runs = [StudyRun(arm, seed, config_file, dataset_dir,
                      os.path.join(out_root, arm, f"seed{seed}"),
-                     list(opts), threads)
+                     list(opts), threads_per_job(jobs))
             for seed in seeds for arm in arms]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        return list(tqdm(pool.map(_run_one, runs), total=len(runs), desc="study runs", unit="run"))
+    return run_in_processes(_run_one, runs, jobs, desc="study runs")
 
 
-def summarize(out_root: str, title: str) -> str:
+def summarise(out_root: str, title: str) -> str:
     """Aggregate every `out_root/*/seed*/result.json`: Markdown table (also written to
     `out_root/results.md`), AP bar charts and loss/AP curves as PNGs. Returns the table."""
     records = []
@@ -134,22 +127,19 @@ def summarize(out_root: str, title: str) -> str:
                 with open(path) as f:
                     records.append(json.load(f))
     arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
-    lines = [f"### {title}", "", "| arm | norm | images per norm | box AP | mask AP | seeds |",
-             "|---|---|---|---|---|---|"]
-    means = {}
+    rows, means = [], {}
     for arm in arms:
         runs = [r for r in records if r["arm"] == arm]
-        row = []
+        cells = []
         for key in ("bbox_AP", "segm_AP"):
-            values = [r[key] for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            means.setdefault(key, []).append((statistics.mean(values), std))
-            row.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
+            mean, std = mean_and_std([r[key] for r in runs])
+            means.setdefault(key, []).append((mean, std))
+            cells.append(f"{mean:.1f} ± {std:.1f}")
         spec = ARMS[arm]
         per_norm = IMAGES_PER_STEP // spec.micro_batches * (spec.mabn_buffer or 1)
-        lines.append(f"| {arm} | {spec.norm} | {per_norm} | {row[0]} | {row[1]} | "
-                     f"{', '.join(str(r['seed']) for r in runs)} |")
-    table = "\n".join(lines) + "\n"
+        rows.append([arm, spec.norm, per_norm, *cells, ", ".join(str(r["seed"]) for r in runs)])
+    table = f"### {title}\n\n" + markdown_table(
+        ["arm", "norm", "images per norm", "box AP", "mask AP", "seeds"], rows) + "\n"
     with open(os.path.join(out_root, "results.md"), "w") as f:
         f.write(table)
     for key, label in (("bbox_AP", "box AP"), ("segm_AP", "mask AP")):

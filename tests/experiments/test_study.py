@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from mabn_det.engine.study import ARMS, IMAGES_PER_STEP, configure_arm, summarize
-from tests.conftest import make_cfg
+from mabn_experiments.study import ARMS, IMAGES_PER_STEP, configure_arm, summarise
+from tests.common import make_cfg
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
@@ -32,7 +32,7 @@ def test_summary_aggregates_seeds(tmp_path):
             (run / "metrics.json").write_text(
                 "\n".join(json.dumps({"iteration": i, "total_loss": 2.0 / (i + 1)}) for i in range(5))
                 + "\n" + json.dumps({"iteration": 4, "bbox/AP": ap, "segm/AP": ap / 2}) + "\n")
-    table = summarize(str(tmp_path), "test")
+    table = summarise(str(tmp_path), "test")
     assert "| BN@2 | BN | 2 | 11.0 ± 1.4 | 5.5 ± 0.7 | 0, 1 |" in table
     assert "| MABN@2 | MABN | 16 | 21.0 ± 1.4 |" in table
     for png in ("bbox_AP.png", "segm_AP.png", "curves.png"):

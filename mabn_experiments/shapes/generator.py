@@ -96,10 +96,10 @@ def generate_shapes_dataset(
     Returns:
         The dataset directory.
     """
-    _require_integer_at_least("num_train", num_train, 1)
-    _require_integer_at_least("num_val", num_val, 1)
-    _require_integer_at_least("image_size", image_size, MIN_IMAGE_SIZE)
-    _require_integer_at_least("seed", seed, 0)
+    require_integer_at_least("num_train", num_train, 1)
+    require_integer_at_least("num_val", num_val, 1)
+    require_integer_at_least("image_size", image_size, MIN_IMAGE_SIZE)
+    require_integer_at_least("seed", seed, 0)
     if style not in SCENE_STYLES:
         raise ValueError(f"style must be one of {sorted(SCENE_STYLES)}, got {style!r}")
     dataset_dir = Path(out_dir)
@@ -149,7 +149,8 @@ def shapes_dataset_exists(
     )
 
 
-def _require_integer_at_least(name: str, value: int, minimum: int) -> None:
+def require_integer_at_least(name: str, value: int, minimum: int) -> None:
+    """Raise ValueError "<name> must be an integer ≥ <minimum>, got <value>" unless it is one."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 

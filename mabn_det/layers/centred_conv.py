@@ -1,7 +1,8 @@
 """Weight-centred convolution: each output filter has its mean subtracted before convolving.
 
 MABN normalises by mean(x²) without subtracting the batch mean; centring the weights of the conv that
-feeds it keeps that conv's output close to zero-mean, which is what makes dropping the mean safe.
+feeds it keeps that conv's output close to zero-mean, which is what makes dropping the mean safe
+(Yan et al., ICLR 2020, section 4.3).
 """
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,10 @@ from torch import nn
 
 from .mabn import MABN2d
 
-__all__ = ["WeightCentredConv2d", "centre_convs_before_mabn_"]
+__all__ = ["CentredConv2d"]
 
 
-class WeightCentredConv2d(Conv2d):
+class CentredConv2d(Conv2d):
     """A Detectron2 `Conv2d` whose forward uses W − mean(W), the mean taken per output filter.
 
     It takes the same arguments (including ``norm`` and ``activation``) and has the same state-dict
@@ -34,18 +35,19 @@ class WeightCentredConv2d(Conv2d):
             x = self.activation(x)
         return x
 
+    @classmethod
+    def convert_convs_before_mabn(cls, module: nn.Module) -> nn.Module:
+        """Turn, in place, every Detectron2 `Conv2d` whose ``norm`` is an MABN2d into a CentredConv2d.
 
-def centre_convs_before_mabn_(module: nn.Module) -> nn.Module:
-    """Turn, in place, every Detectron2 `Conv2d` whose ``norm`` is an MABN2d into a WeightCentredConv2d.
+        The class of each conv is swapped rather than the module replaced: Detectron2's FPN and ROI
+        heads also reach their convs through plain Python lists, which a replaced child would leave
+        pointing at the old module. The swap adds no state, so parameters, initialisation and keys
+        are kept.
 
-    The class of each conv is swapped rather than the module replaced: Detectron2's FPN and ROI heads
-    also reach their convs through plain Python lists, which a replaced child would leave pointing at
-    the old module. The swap adds no state, so parameters, initialisation and keys are kept.
-
-    Returns:
-        `module`, for chaining.
-    """
-    for m in module.modules():
-        if type(m) is Conv2d and isinstance(m.norm, MABN2d):
-            m.__class__ = WeightCentredConv2d
-    return module
+        Returns:
+            `module`, for chaining.
+        """
+        for m in module.modules():
+            if type(m) is Conv2d and isinstance(m.norm, MABN2d):
+                m.__class__ = cls
+        return module

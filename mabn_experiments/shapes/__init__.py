@@ -1,9 +1,9 @@
-"""Datasets for mabn_det: the synthetic "shapes" instance-segmentation set.
+"""The synthetic "shapes" instance-segmentation set: generator and Detectron2 registration.
 
-Importing this package registers ``shapes_train`` and ``shapes_val`` under
-``$DETECTRON2_DATASETS/shapes`` (default ``datasets/shapes``) in Detectron2's catalogs. The
-annotations use compressed RLE masks (rings have holes), so configs need
-``INPUT.MASK_FORMAT = "bitmask"``.
+``register_shapes_datasets()`` registers ``shapes_train`` and ``shapes_val`` under
+``$DETECTRON2_DATASETS/shapes`` (default ``datasets/shapes``) in Detectron2's catalogs; importing
+the package registers nothing. The annotations use compressed RLE masks (rings have holes), so
+configs need ``INPUT.MASK_FORMAT = "bitmask"``.
 """
 from .datasets import (
     default_datasets_root,
@@ -12,14 +12,13 @@ from .datasets import (
     register_shapes_split,
 )
 from .scenes import SCENE_STYLES, SHAPE_CLASS_NAMES, render_shapes_image
-from .shapes import (
+from .generator import (
     DEFAULT_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     generate_shapes_dataset,
+    require_integer_at_least,
     shapes_dataset_exists,
 )
-
-register_shapes_datasets()
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -32,5 +31,6 @@ __all__ = [
     "register_shapes_datasets",
     "register_shapes_split",
     "render_shapes_image",
+    "require_integer_at_least",
     "shapes_dataset_exists",
 ]

@@ -9,7 +9,7 @@ from detectron2.solver.build import (
     reduce_param_groups,
 )
 
-from ..layers import MABN2d
+from .layers import MABN2d
 
 __all__ = ["build_mabn_optimizer", "mabn_aware_param_groups"]
 

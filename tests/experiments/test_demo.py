@@ -2,8 +2,8 @@
 import json
 import os
 
-from mabn_det.engine.demo import run_demo
-from tests.conftest import TINY_MABN_CONFIG
+from mabn_experiments.demo import run_demo
+from tests.common import TINY_MABN_CONFIG
 
 
 def test_demo_writes_results_curves_and_predictions(tmp_path, monkeypatch):

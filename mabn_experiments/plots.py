@@ -3,18 +3,16 @@ import json
 import os
 from typing import Dict, List, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+# A bare Figure renders to files without pyplot, so no GUI backend is chosen for the process.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-
-__all__ = ["read_metrics", "plot_training_curves", "save_predictions"]
+__all__ = ["bar_chart", "read_metrics", "plot_training_curves", "save_predictions"]
 
 
 def read_metrics(output_dir: str) -> List[Dict]:
@@ -35,7 +33,8 @@ def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "") -
         runs: label → output directory holding a metrics.json.
         png_path: where to write the figure.
     """
-    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    loss_ax, ap_ax = fig.subplots(1, 2)
     for label, output_dir in runs.items():
         records = read_metrics(output_dir)
         line, = loss_ax.plot(*_series(records, "total_loss"), label=label, alpha=0.85)
@@ -52,7 +51,6 @@ def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "") -
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
@@ -85,12 +83,19 @@ def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
 
 
 def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], ylabel: str,
-              png_path: str, title: str = "") -> None:
-    """A bar per label with a ±std error bar."""
-    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 3.6))
+              png_path: str, title: str = "", zoom: bool = False) -> None:
+    """A bar per label with a ±std error bar.
+
+    Args:
+        zoom: start the axis just below the smallest bar instead of at 0, for values that differ
+            by a few percent (accuracies).
+    """
+    fig = Figure(figsize=(1.4 * len(labels) + 2, 3.6))
+    ax = fig.subplots()
     ax.bar(labels, means, yerr=stds, capsize=6, color="#4C72B0")
+    if zoom:
+        ax.set_ylim(min(means) - 5, max(means) + 3)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)

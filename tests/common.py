@@ -1,18 +1,56 @@
+"""Helpers shared by the tests: tiny configs, synthetic batches and datasets, the tools as modules."""
+import importlib.util
 import json
 import os
 
 import numpy as np
-import pytest
+import torch
+from detectron2.structures import BitMasks, Boxes, Instances
 from PIL import Image
 
+from mabn_det.config import load_config
 
-@pytest.fixture(scope="session")
-def tiny_coco(tmp_path_factory):
-    return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MABN_CONFIG = os.path.join(REPO, "configs", "tiny", "mabn_R18_FPN_shapes.yaml")
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def make_cfg(config_file=TINY_MABN_CONFIG, opts=()):
+    return load_config(config_file, ["MODEL.DEVICE", "cpu", *opts])
+
+
+def load_tool(name: str):
+    """Import `tools/<name>.py` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_image(size=64, boxes=(), seed=0):
+    """A detectron2 input dict with square objects at `boxes` (XYXY) of class 1, 2, ...
+
+    Returns:
+        {"image": (3, size, size) uint8, "height", "width", "instances"}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 60, (3, size, size), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(len(boxes), size, size, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+        image[:, y0:y1, x0:x1] = 200
+    instances = Instances((size, size))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.gt_classes = torch.arange(len(boxes), dtype=torch.long) % 3
+    instances.gt_masks = BitMasks(masks)
+    return {"image": image, "height": size, "width": size, "instances": instances}
 
 
 def write_tiny_coco(root):
     """Write a 2-image COCO-format set: image 0 holds two squares, image 1 holds no instance.
+
+    Args:
+        root: a pathlib.Path directory.
 
     Returns:
         (json_path, image_dir)
@@ -32,7 +70,7 @@ def write_tiny_coco(root):
         Image.fromarray(pixels).save(root / name)
         images.append({"id": image_id, "file_name": name, "height": 64, "width": 64})
     categories = [{"id": i, "name": f"class{i}"} for i in (1, 2)]
-    json_path = root / "instances.json"  # root: a pathlib.Path
+    json_path = root / "instances.json"
     json_path.write_text(json.dumps({"images": images, "annotations": annotations,
                                      "categories": categories}))
     return str(json_path), str(root)
@@ -53,7 +91,3 @@ def train_opts(output_dir, dataset="tiny_train", **overrides):
     }
     opts.update(overrides)
     return [str(x) for kv in opts.items() for x in kv]
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")

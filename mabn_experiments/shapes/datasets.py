@@ -11,7 +11,7 @@ import os
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from .shapes import SHAPE_CLASS_NAMES, SPLITS, split_annotation_file, split_image_dir
+from .generator import SHAPE_CLASS_NAMES, SPLITS, split_annotation_file, split_image_dir
 
 # Sub-directory of the datasets root that holds the shapes dataset.
 SHAPES_DIR_NAME = "shapes"

@@ -8,13 +8,18 @@ import time
 from typing import Sequence
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_mabn_config
-from ..data import default_shapes_dir, generate_shapes_dataset, shapes_dataset_exists
-from .reports import plot_training_curves, save_predictions
-from .trainer import Trainer
+from mabn_det.config import load_config
+from mabn_det.engine import Trainer
+
+from .plots import plot_training_curves, save_predictions
+from .shapes import (
+    default_shapes_dir,
+    generate_shapes_dataset,
+    register_shapes_datasets,
+    shapes_dataset_exists,
+)
 
 __all__ = ["run_demo"]
 
@@ -41,10 +46,9 @@ def run_demo(config_file: str, output_dir: str, *, num_train: int, num_val: int,
     if not shapes_dataset_exists(dataset_dir, num_train=num_train, num_val=num_val,
                                  image_size=image_size, seed=seed, style=style):
         generate_shapes_dataset(dataset_dir, num_train, num_val, image_size, seed, style=style)
+    register_shapes_datasets()
 
-    cfg = get_cfg()
-    add_mabn_config(cfg)
-    cfg.merge_from_file(config_file)
+    cfg = load_config(config_file)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.OUTPUT_DIR = output_dir
     cfg.merge_from_list(list(opts))
