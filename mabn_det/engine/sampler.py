@@ -1,7 +1,7 @@
 """A training sampler that can start in the middle of its stream, so a resumed run sees the data an
 uninterrupted run would have seen."""
 import itertools
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from detectron2.utils import comm
@@ -23,7 +23,7 @@ class ResumableTrainingSampler(Sampler):
         start: indices of this rank's stream to skip (iterations done × images per rank per step).
     """
 
-    def __init__(self, size: int, *, seed: Optional[int] = None, start: int = 0):
+    def __init__(self, size: int, *, seed: int | None = None, start: int = 0):
         if size < 1:
             raise ValueError(f"ResumableTrainingSampler needs a non-empty dataset, got size {size}")
         self._size = size

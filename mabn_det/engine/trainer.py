@@ -5,7 +5,6 @@ import os
 import random
 import time
 import weakref
-from typing import Optional
 
 import numpy as np
 import torch
@@ -95,7 +94,7 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self._pending_rng_state: Optional[dict] = None
+        self._pending_rng_state: dict | None = None
         self.register_hooks(self.build_hooks())
 
     @classmethod
