@@ -8,13 +8,19 @@ GPU the layer sees the statistics of 2·m images, which is what makes small-batc
 Everything is computed with tensor ops on the layer's own buffers: no `.item()`, no Python branch on a
 tensor value, so a training step never waits for the device.
 """
-from typing import Callable, Optional, Tuple
+import os
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MABN2d", "check_mabn_hyperparameters"]
+__all__ = ["MABN2d", "KERNELS", "check_mabn_hyperparameters"]
+
+KERNELS = ("auto", "triton", "torch")
+# What kernel="auto" picks for CUDA inputs. Stays False until the CUDA tests have passed on a real
+# GPU with the Triton kernels (tests/layers/test_mabn_triton.py, test_mabn_robustness.py).
+_AUTO_PICKS_TRITON = False
 
 
 def check_mabn_hyperparameters(
@@ -71,45 +77,6 @@ def _as_channel_map(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-class _MABNFunction(torch.autograd.Function):
-    """y = γ·r·x/√(s²+ε) + β with MABN's averaged backward.
-
-    The forward statistics (s², r) are inputs computed by the module; the backward computes ψ,
-    records it in the backward ring and uses the ring's average once the warm-up is over.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, var, renorm, use_batch_stats, psi_buffer, slot, skip_counter,
-                zero_mean, eps):
-        # Eval-mode batch norm with mean 0 and variance s² is the affine map γ·r·x/√(s²+ε) + β in a
-        # single fused pass that keeps x's dtype and memory format.
-        y = F.batch_norm(x, zero_mean, var, weight * renorm, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, var, renorm, use_batch_stats, slot)
-        # Module buffers written by the backward: kept by reference, outside autograd's
-        # saved-tensor version checks.
-        ctx.psi_buffer, ctx.skip_counter = psi_buffer, skip_counter
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, var, renorm, use_batch_stats, slot = ctx.saved_tensors
-        psi_buffer = ctx.psi_buffer
-        sum_dy_x, sum_dy = channel_sums(grad_out, x)
-        inv_std = torch.rsqrt(var + ctx.eps)
-        grad_scale = weight * renorm * inv_std  # dy → g/σ
-        # ψ = mean(g·ẑ) = γ·r/σ · mean(dy·x)
-        psi = grad_scale * sum_dy_x / (x.numel() // x.shape[1])
-        record_finite_(psi_buffer, slot, psi, ctx.skip_counter)
-        psi_bar = torch.where(use_batch_stats, psi, psi_buffer.mean(0))
-        # dx = (g − ẑ·ψ̄)/σ = (γ·r/σ)·dy − (ψ̄/σ²)·x
-        grad_x = grad_out * _as_channel_map(grad_scale).to(grad_out.dtype)
-        grad_x.addcmul_(x, _as_channel_map(psi_bar * inv_std * inv_std).to(x.dtype), value=-1)
-        grad_weight = renorm * inv_std * sum_dy_x
-        return (grad_x, grad_weight.to(weight.dtype), sum_dy.to(weight.dtype),
-                None, None, None, None, None, None, None, None)
-
-
 def record_finite_(ring: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
                    skip_counter: torch.Tensor) -> None:
     """Write `value` into row `slot` of `ring`, keeping the old entry of every non-finite channel.
@@ -124,6 +91,53 @@ def record_finite_(ring: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
     kept = torch.where(finite, value.to(ring.dtype), ring.index_select(0, slot)[0])
     ring.index_copy_(0, slot, kept.unsqueeze(0))
     skip_counter.add_(~finite.all())
+
+
+class _StepState(NamedTuple):
+    """What one training step's backward needs besides x, γ and the forward statistics."""
+
+    use_batch_stats: torch.Tensor  # () bool: ψ of this batch instead of the ring's mean
+    slot: torch.Tensor  # (1,) int64: this step's row of the rings
+    psi_buffer: torch.Tensor  # (m, C) backward ring, written in place
+    skip_counter: torch.Tensor  # () int64, incremented when ψ is not finite
+    zero_mean: torch.Tensor  # (C,) zeros in the statistics' dtype
+    eps: float
+
+
+class _MABNFunction(torch.autograd.Function):
+    """y = γ·r·x/√(s²+ε) + β with MABN's averaged backward.
+
+    The forward statistics (s², r) are inputs computed by the module; the backward computes ψ,
+    records it in the backward ring and uses the ring's average once the warm-up is over.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, renorm, state: _StepState):
+        # Eval-mode batch norm with mean 0 and variance s² is the affine map γ·r·x/√(s²+ε) + β in a
+        # single fused pass that keeps x's dtype and memory format.
+        y = F.batch_norm(x, state.zero_mean, var, weight * renorm, bias, False, 0.0, state.eps)
+        ctx.save_for_backward(x, weight, var, renorm)
+        # The ring and counter are module buffers written by the backward: kept by reference,
+        # outside autograd's saved-tensor version checks.
+        ctx.state = state
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, var, renorm = ctx.saved_tensors
+        state = ctx.state
+        sum_dy_x, sum_dy = channel_sums(grad_out, x)
+        inv_std = torch.rsqrt(var + state.eps)
+        grad_scale = weight * renorm * inv_std  # dy → g/σ
+        # ψ = mean(g·ẑ) = γ·r/σ · mean(dy·x)
+        psi = grad_scale * sum_dy_x / (x.numel() // x.shape[1])
+        record_finite_(state.psi_buffer, state.slot, psi, state.skip_counter)
+        psi_bar = torch.where(state.use_batch_stats, psi, state.psi_buffer.mean(0))
+        # dx = (g − ẑ·ψ̄)/σ = (γ·r/σ)·dy − (ψ̄/σ²)·x
+        grad_x = grad_out * _as_channel_map(grad_scale).to(grad_out.dtype)
+        grad_x.addcmul_(x, _as_channel_map(psi_bar * inv_std * inv_std).to(x.dtype), value=-1)
+        grad_weight = renorm * inv_std * sum_dy_x
+        return grad_x, grad_weight.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None
 
 
 class MABN2d(nn.Module):
@@ -141,8 +155,8 @@ class MABN2d(nn.Module):
 
     Eval mode applies y = γ·x/√(running_var+ε) + β, a per-channel affine map. A non-finite χ or ψ
     (NaN input, AMP's overflowing gradients) never enters a ring or running_var; the
-    ``skipped_forward_stats`` / ``skipped_backward_stats`` counters record it. An empty batch changes
-    no buffer.
+    ``skipped_forward_stats`` / ``skipped_backward_stats`` counters record it. An empty batch
+    changes no buffer.
 
     Args:
         num_features: C, the number of channels.
@@ -152,11 +166,26 @@ class MABN2d(nn.Module):
         renorm_clip: r is clipped to [1/renorm_clip, renorm_clip].
         momentum: PyTorch convention, running = (1 − momentum)·running + momentum·new.
         eps: added to the second moment before the square root.
+        kernel: how a training step is computed.
+
+            - ``"torch"``: PyTorch ops (about 67 per layer-step); the reference implementation, and
+              the only one for CPU tensors.
+            - ``"triton"``: for CUDA tensors, four fused Triton kernels per layer-step (two forward,
+              two backward; see `mabn_det.layers.mabn_triton`), statistics in float32, outputs in
+              the input's dtype, NCHW and channels_last. Inputs the kernels do not cover (float64,
+              float64 parameters, ≥ 2³¹ elements) take the PyTorch path. CPU tensors take the
+              PyTorch path, except under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which
+              is how the tests check the kernels without a GPU).
+            - ``"auto"`` (default): currently ``"torch"`` everywhere. The Triton path is opt-in
+              until its CUDA tests have passed on a real GPU; then "auto" will pick it for CUDA.
+
+            Both paths keep the same buffers, so checkpoints move freely between them; eval mode
+            is always one `F.batch_norm` call. Triton is imported only when the Triton path runs.
     """
 
     def __init__(self, num_features: int, *, buffer_size: int = 16, warmup_iters: int = 100,
                  renorm_warmup_iters: int = 1000, renorm_clip: float = 5.0,
-                 momentum: float = 0.02, eps: float = 1e-5):
+                 momentum: float = 0.02, eps: float = 1e-5, kernel: str = "auto"):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be ≥ 1, got {num_features!r}")
@@ -172,6 +201,7 @@ class MABN2d(nn.Module):
         self.renorm_clip = float(renorm_clip)
         self.momentum = float(momentum)
         self.eps = float(eps)
+        self.kernel = kernel
 
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -199,7 +229,36 @@ class MABN2d(nn.Module):
             # An empty batch (a mask head with no foreground RoIs) holds no statistics.
             return (x * _as_channel_map(self.weight).to(x.dtype)
                     + _as_channel_map(self.bias).to(x.dtype))
+        if self._uses_triton(x):
+            from . import mabn_triton  # imports Triton: only when the Triton path runs
+
+            return mabn_triton.mabn_train_step(self, x)
         return self._train_forward(x)
+
+    @property
+    def kernel(self) -> str:
+        """"auto" | "triton" | "torch": see the class docstring. May be changed at any time."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, "
+                             f"got {value!r}")
+        self._kernel = value
+
+    def _uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether this training step runs the Triton kernels (decided from metadata alone)."""
+        if self._kernel == "torch" or (self._kernel == "auto" and not _AUTO_PICKS_TRITON):
+            return False
+        if x.device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return False  # a CPU tensor must never reach a compiled kernel
+        elif x.device.type != "cuda":
+            return False
+        from . import mabn_triton
+
+        return mabn_triton.supports(self, x)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.iteration.add_(1)
@@ -223,10 +282,9 @@ class MABN2d(nn.Module):
         self.running_var.copy_(updated)
         self.last_renorm = renorm
 
-        return _MABNFunction.apply(
-            x, self.weight, self.bias, var, renorm, use_batch_stats, self.psi_buffer, slot,
-            self.skipped_backward_stats, self._zero_mean.to(var.dtype), self.eps,
-        )
+        state = _StepState(use_batch_stats, slot, self.psi_buffer, self.skipped_backward_stats,
+                           self._zero_mean.to(var.dtype), self.eps)
+        return _MABNFunction.apply(x, self.weight, self.bias, var, renorm, state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -252,4 +310,5 @@ class MABN2d(nn.Module):
         return (f"{self.num_features}, buffer_size={self.buffer_size}, "
                 f"warmup_iters={self.warmup_iters}, "
                 f"renorm_warmup_iters={self.renorm_warmup_iters}, renorm_clip={self.renorm_clip}, "
-                f"momentum={self.momentum}, eps={self.eps}")
+                f"momentum={self.momentum}, eps={self.eps}"
+                + (f", kernel={self.kernel!r}" if self.kernel != "auto" else ""))

@@ -154,8 +154,9 @@ def test_training_step_reads_no_tensor_value_on_the_host():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_cuda_synchronisation():
-    layer = MABN2d(8, buffer_size=2, warmup_iters=1, renorm_warmup_iters=2).cuda()
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_no_cuda_synchronisation(kernel):
+    layer = MABN2d(8, buffer_size=2, warmup_iters=1, renorm_warmup_iters=2, kernel=kernel).cuda()
     inputs = [torch.randn(2, 8, 16, 16, device="cuda") for _ in range(6)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -199,11 +200,12 @@ def test_loading_other_buffer_size_names_both_sizes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_matches_cpu(channels_last):
+def test_cuda_matches_cpu(channels_last, kernel):
     torch.manual_seed(0)
     kwargs = dict(buffer_size=3, warmup_iters=2, renorm_warmup_iters=5, renorm_clip=1.5)
-    cpu, gpu = MABN2d(8, **kwargs), MABN2d(8, **kwargs).cuda()
+    cpu, gpu = MABN2d(8, **kwargs), MABN2d(8, kernel=kernel, **kwargs).cuda()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [torch.randn(2, 8, 6, 6) * (1 + i % 3) for i in range(10)]
     expected = _train_steps(cpu, inputs)
@@ -216,9 +218,10 @@ def test_cuda_matches_cpu(channels_last):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_keeps_float32_statistics(dtype):
-    layer = MABN2d(8, buffer_size=2, warmup_iters=0).cuda()
+def test_cuda_autocast_keeps_float32_statistics(dtype, kernel):
+    layer = MABN2d(8, buffer_size=2, warmup_iters=0, kernel=kernel).cuda()
     conv = torch.nn.Conv2d(3, 8, 3).cuda()
     x = torch.randn(2, 3, 16, 16, device="cuda") * 3e4
     with torch.autocast("cuda", dtype=dtype):

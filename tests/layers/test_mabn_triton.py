@@ -1,0 +1,230 @@
+"""The Triton path of MABN2d: exact to the PyTorch path, compiles for sm_90, chosen only when asked.
+
+Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, in one subprocess:
+Triton reads the variable when the kernels are defined) and are compiled ahead of time for sm_90.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from mabn_det.layers import MABN2d
+from mabn_det.layers import mabn as mabn_module
+
+triton = pytest.importorskip("triton")
+
+from tests.layers import mabn_triton_interpreted as interpreted  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+@pytest.fixture(scope="module")
+def interpreted_report():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(HERE, "mabn_triton_interpreted.py")],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"interpreted run: {time.perf_counter() - start:.1f} s")
+    return report
+
+
+@pytest.mark.parametrize("scenario", list(interpreted.SCENARIOS))
+def test_interpreted_kernels_match_torch_path(interpreted_report, scenario):
+    result = interpreted_report[scenario]
+    assert result["failures"] == [], "\n".join(result["failures"])
+    # Every non-empty training step went through the kernels (the empty one never launches).
+    assert result["triton_steps"] == result["steps"]
+
+
+def test_interpreted_scenarios_cover_splits_and_update_loops():
+    # Guards the test's own coverage: several programs per channel, a combine loop over the
+    # partial sums, and more than one loop iteration in the last program's C-sized update.
+    from mabn_det.layers import mabn_triton
+
+    saved = {k: getattr(mabn_triton, k) for k in interpreted.SMALL_TILES}
+    try:
+        for key, value in interpreted.SMALL_TILES.items():
+            setattr(mabn_triton, key, value)
+        small = [(layout, shape) for layout, shape, _, tiles in interpreted.SCENARIOS.values()
+                 if tiles]
+        plans = [mabn_triton.Plan(shape, layout == "nhwc", interpreted.LAYER["buffer_size"],
+                                  mabn_triton.INTERPRETER_PROGRAMS) for layout, shape in small]
+    finally:
+        for key, value in saved.items():
+            setattr(mabn_triton, key, value)
+    assert any(p.splits > p.update_blocks["BLOCK_S"] for p in plans)  # combine loop
+    assert any(p.splits > 1 and not p.channels_last for p in plans)
+    assert all(p.update_blocks["BLOCK_C"] < shape[1]  # update loop over channel blocks
+               for p, (_, shape) in zip(plans, small))
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_90.
+# ------------------------------------------------------------------------------------------
+
+def test_every_kernel_variant_compiles_for_sm90_without_spills():
+    aot = pytest.importorskip("tests.layers.mabn_triton_aot")
+    if not os.path.exists(aot.PTXAS):
+        pytest.skip(f"no ptxas at {aot.PTXAS}")
+    failures, table = [], []
+    for variant in aot.checked_variants():
+        compiled = aot.compile_variant(variant)
+        table.append(f"{variant.label}: {compiled.registers} registers, "
+                     f"{compiled.spill_bytes} spill bytes, {compiled.vector_loads} vector loads")
+        if compiled.spill_bytes:
+            failures.append(table[-1])
+        # H·W (NCHW) or C (NHWC) a multiple of 16: the streaming loads are 128-bit.
+        if variant.aligned and compiled.vector_loads == 0:
+            failures.append(f"{table[-1]}: expected vectorised loads")
+    print("\n".join(table))
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------
+# Which path runs.
+# ------------------------------------------------------------------------------------------
+
+def test_kernel_argument_is_validated():
+    with pytest.raises(ValueError, match=r"kernel must be one of 'auto', 'triton', 'torch', "
+                                         r"got 'cuda'"):
+        MABN2d(4, kernel="cuda")
+    layer = MABN2d(4)
+    assert layer.kernel == "auto"
+    with pytest.raises(ValueError, match="got 'Triton'"):
+        layer.kernel = "Triton"
+    layer.kernel = "triton"
+    assert "kernel='triton'" in repr(layer)
+
+
+def _fake_cuda_input(shape=(2, 8, 4, 4), dtype=torch.float32):
+    """What the dispatch reads of an input: device, dtype, shape, numel."""
+    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=shape,
+                                 numel=lambda: shape[0] * shape[1] * shape[2] * shape[3])
+
+
+@pytest.mark.parametrize("kernel, expected", [("triton", True), ("auto", False),
+                                              ("torch", False)])
+def test_triton_path_is_chosen_for_cuda_only_when_asked(kernel, expected, monkeypatch):
+    from mabn_det.layers import mabn_triton
+
+    layer = MABN2d(8, kernel=kernel)
+    # The layer's tensors as if moved to the GPU (supports() reads their dtype and device).
+    on_gpu = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda", 0))
+    gpu_layer = types.SimpleNamespace(weight=on_gpu, bias=on_gpu, chi_buffer=on_gpu,
+                                      psi_buffer=on_gpu, running_var=on_gpu)
+    real_supports = mabn_triton.supports
+    monkeypatch.setattr(mabn_triton, "supports", lambda module, x: real_supports(gpu_layer, x))
+    assert layer._uses_triton(_fake_cuda_input()) is expected
+    # Inputs the kernels do not cover take the PyTorch path.
+    assert layer._uses_triton(_fake_cuda_input(dtype=torch.float64)) is False
+
+
+def test_auto_stays_on_the_torch_path_until_cuda_tests_have_passed():
+    assert mabn_module._AUTO_PICKS_TRITON is False
+
+
+def test_cpu_tensors_never_reach_compiled_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from mabn_det.layers import mabn_triton
+
+    def fail(module, x):
+        raise AssertionError("the Triton path ran for a CPU tensor")
+
+    monkeypatch.setattr(mabn_triton, "mabn_train_step", fail)
+    layer = MABN2d(3, kernel="triton", buffer_size=2, warmup_iters=0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer._uses_triton(x) is False
+    # Even with the variable set after this process imported the kernels compiled.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mabn_triton.INTERPRETED is False
+    assert layer._uses_triton(x) is False
+
+
+def test_import_and_cpu_training_do_not_load_the_kernels():
+    code = ("import sys, torch, mabn_det\n"
+            "from mabn_det.layers import MABN2d\n"
+            "layer = MABN2d(3, kernel='triton')\n"
+            "layer(torch.randn(2, 3, 4, 4)).sum().backward()\n"
+            "assert 'mabn_det.layers.mabn_triton' not in sys.modules\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU (skipped without CUDA).
+# ------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_steps(layer, inputs, grads):
+    out = []
+    for x, dy in zip(inputs, grads):
+        layer.zero_grad()
+        x = x.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy)
+        out.append((y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 64, 32, 48), (16, 256, 7, 7), (2, 96, 25, 42)],
+                         ids=["hw16", "hw49", "hw1050"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_cuda_triton_matches_torch(shape, channels_last, dtype, monkeypatch):
+    from mabn_det.layers import mabn_triton
+
+    calls = []
+    original = mabn_triton.mabn_train_step
+    monkeypatch.setattr(mabn_triton, "mabn_train_step",
+                        lambda module, x: calls.append(1) or original(module, x))
+    torch.manual_seed(0)
+    kwargs = dict(buffer_size=3, warmup_iters=2, renorm_warmup_iters=5, renorm_clip=1.5)
+    ref = MABN2d(shape[1], kernel="torch", **kwargs).cuda()
+    tri = MABN2d(shape[1], kernel="triton", **kwargs).cuda()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [(torch.randn(shape, device="cuda") * (1 + i % 3)).to(dtype).contiguous(
+        memory_format=fmt) for i in range(8)]
+    grads = [torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+             for _ in range(8)]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    for got, want in zip(_cuda_steps(tri, inputs, grads), _cuda_steps(ref, inputs, grads)):
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g.float(), w.float(), **tol)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(tri.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+    assert len(calls) == len(inputs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_triton_launches_four_kernels_per_step(channels_last):
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = MABN2d(64, kernel="triton", buffer_size=2, warmup_iters=0).cuda()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 64, 16, 16, device="cuda").contiguous(memory_format=fmt)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    layer(x).backward(dy)  # compiles, allocates the tickets
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        layer(x).backward(dy)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 4, kernels
