@@ -1,5 +1,5 @@
 """The optimizer: Detectron2's, with MABN2d parameters treated as norm parameters."""
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode
@@ -11,26 +11,27 @@ from detectron2.solver.build import (
 
 from .layers import MABN2d
 
-__all__ = ["build_mabn_optimizer", "mabn_aware_param_groups"]
+__all__ = ["build_mabn_optimizer", "mabn_aware_param_groups", "mabn_optimizer_params"]
 
 
-def mabn_aware_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
-    """Detectron2's parameter groups, except that MABN2d's γ and β get `SOLVER.WEIGHT_DECAY_NORM`
-    as Detectron2 gives its own norms (a β still takes `SOLVER.WEIGHT_DECAY_BIAS` when that is set).
+def mabn_optimizer_params(model: torch.nn.Module, *, weight_decay_norm: Optional[float] = None,
+                          weight_decay_bias: Optional[float] = None,
+                          **kwargs) -> List[Dict[str, Any]]:
+    """Detectron2's `get_default_optimizer_params`, with MABN2d's γ and β treated as norm parameters.
+
+    Same arguments and a drop-in for it (also as the ``optimizer.params`` node of a LazyConfig): with
+    `weight_decay_norm` set, MABN2d's γ and β get it as Detectron2's own norms do (a β still takes
+    `weight_decay_bias` when that is set).
     """
-    groups = get_default_optimizer_params(
-        model,
-        base_lr=cfg.SOLVER.BASE_LR,
-        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-    )
-    bias_decay_set = cfg.SOLVER.WEIGHT_DECAY_BIAS is not None
+    groups = get_default_optimizer_params(model, weight_decay_norm=weight_decay_norm,
+                                          weight_decay_bias=weight_decay_bias, **kwargs)
+    if weight_decay_norm is None:
+        return groups
     as_norm = {
         id(param)
         for module in model.modules() if isinstance(module, MABN2d)
         for name, param in module.named_parameters(recurse=False)
-        if not (name == "bias" and bias_decay_set)
+        if not (name == "bias" and weight_decay_bias is not None)
     }
     regrouped = []
     for group in groups:
@@ -39,9 +40,19 @@ def mabn_aware_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[s
         if other_params:
             regrouped.append({**group, "params": other_params})
         if norm_params:
-            regrouped.append({**group, "params": norm_params,
-                              "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM})
+            regrouped.append({**group, "params": norm_params, "weight_decay": weight_decay_norm})
     return reduce_param_groups(regrouped)
+
+
+def mabn_aware_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """`mabn_optimizer_params` with the SOLVER settings of `cfg`."""
+    return mabn_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
 
 
 def build_mabn_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -91,3 +91,39 @@ def train_opts(output_dir, dataset="tiny_train", **overrides):
     }
     opts.update(overrides)
     return [str(x) for kv in opts.items() for x in kv]
+
+
+LAZY_RECIPES = [os.path.join(REPO, "configs", "lazy", name) for name in
+                ("mask_rcnn_R_50_FPN_2x_mabn_scratch.py", "mask_rcnn_R_50_FPN_100ep_LSJ_mabn.py")]
+
+
+def tiny_lazy_config(path, num_classes=2, size=64):
+    """A LazyConfig recipe shrunk for CPU tests: R18, 32-channel FPN and heads, `size`-px images,
+    MABN warm-ups of a few steps, on CPU. Norms and the rest of the recipe are kept."""
+    from detectron2.config import LazyCall as L
+    from detectron2.config import LazyConfig
+    from detectron2.data import transforms as T
+    from detectron2.layers import ShapeSpec
+
+    cfg = LazyConfig.load(path)
+    model, heads = cfg.model, cfg.model.roi_heads
+    model.backbone.bottom_up.stages.depth = 18
+    model.backbone.bottom_up.stages.pop("stride_in_1x1")  # BasicBlock has no such argument
+    model.backbone.out_channels = 32
+    model.proposal_generator.head.in_channels = 32
+    model.proposal_generator.anchor_generator.sizes = [[8], [16], [32], [64], [128]]
+    model.proposal_generator.pre_nms_topk = (200, 100)
+    model.proposal_generator.post_nms_topk = (100, 50)
+    heads.num_classes = num_classes
+    heads.batch_size_per_image = 32
+    heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+    heads.box_head.conv_dims = [32, 32, 32, 32]
+    heads.box_head.fc_dims = [64]
+    heads.box_predictor.input_shape = ShapeSpec(channels=64)
+    heads.mask_head.input_shape = ShapeSpec(channels=32, height=14, width=14)
+    heads.mask_head.conv_dims = [32] * 5
+    cfg.mabn.update(buffer_size=2, warmup_iters=0, renorm_warmup_iters=3)
+    cfg.train.update(device="cpu", amp=dict(enabled=False), mabn_log_period=1, seed=7)
+    cfg.dataloader.train.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)]
+    cfg.dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)]
+    return cfg

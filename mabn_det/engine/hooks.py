@@ -1,14 +1,19 @@
-"""Watching MABN during training: diagnostics in the EventStorage, and a clear error on NaN."""
+"""Watching MABN during training (diagnostics in the EventStorage, a clear error on NaN), and
+PreciseBN for MABN."""
 import functools
-from typing import Dict, List, Tuple
+import logging
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 from torch import nn
+from tqdm import tqdm
 
 from ..layers import MABN2d
 
-__all__ = ["MABNDiagnostics"]
+__all__ = ["MABNDiagnostics", "PreciseMABN", "update_mabn_stats"]
 
 
 class MABNDiagnostics(HookBase):
@@ -111,3 +116,109 @@ class MABNDiagnostics(HookBase):
                 "layer's buffers, but the training has diverged (check the inputs and the learning "
                 "rate)"
             )
+
+
+@torch.no_grad()
+def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) -> None:
+    """Set every MABN2d's ``running_var`` to the population second moment of its input.
+
+    Runs ``model(batch)`` in training mode (as Detectron2's PreciseBN does, so that the heads see
+    training RoIs) on `num_iter` batches of `data_loader`. After each batch every buffer of the model
+    is restored, so each batch is normalised exactly as the next training step would normalise it
+    and no batch affects another. Then each MABN2d's running_var becomes the mean over batches of
+    the per-channel mean(x²) of its input x: (N, C, H, W). Rings, step and skip counters,
+    parameters and every other buffer are left as they were. A batch that is empty for a layer (a
+    mask head without foreground RoIs) or holds a non-finite value does not count for that layer;
+    a layer that saw no batch keeps its running_var. Events logged by the model are discarded.
+
+    Each process estimates its own statistics, as each trains its own MABN buffers.
+
+    Args:
+        model: an unwrapped model whose training forward takes a batch of `data_loader`.
+        data_loader: yields at least `num_iter` batches.
+        num_iter: batches to average over; must be ≥ 1.
+    """
+    if num_iter < 1:
+        raise ValueError(f"PreciseBN for MABN needs num_iter ≥ 1, got {num_iter}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MABN2d)]
+    if not layers:
+        return
+    second_moments = [torch.zeros_like(m.running_var, dtype=torch.float64) for _, m in layers]
+    batches_seen = [0] * len(layers)
+
+    def record(index: int, module: MABN2d, inputs) -> None:
+        x = inputs[0]
+        if x.numel() == 0:
+            return
+        chi = x.detach().float().square().mean(dim=(0, 2, 3))
+        if bool(torch.isfinite(chi).all()):
+            second_moments[index] += chi
+            batches_seen[index] += 1
+
+    handles = [m.register_forward_pre_hook(functools.partial(record, index))
+               for index, (_, m) in enumerate(layers)]
+    buffers = list(model.buffers())
+    saved_buffers = [b.clone() for b in buffers]
+    # The diagnostics read the last training step's r, which the pass would overwrite.
+    saved_renorm = [m.last_renorm for _, m in layers]
+    was_training = model.training
+    model.train()
+    try:
+        with EventStorage():
+            batches = iter(data_loader)
+            for _ in tqdm(range(num_iter), desc="PreciseBN (MABN)", leave=False,
+                          disable=not comm.is_main_process()):
+                model(next(batches))
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for buffer, saved in zip(buffers, saved_buffers):
+            buffer.copy_(saved)
+        for (_, m), renorm in zip(layers, saved_renorm):
+            m.last_renorm = renorm
+        model.train(was_training)
+    unseen = []
+    for (name, m), total, count in zip(layers, second_moments, batches_seen):
+        if count:
+            m.running_var.copy_(total / count)
+        else:
+            unseen.append(name)
+    if unseen:
+        logging.getLogger(__name__).warning(
+            f"PreciseBN (MABN): {len(unseen)} layer(s) saw no non-empty finite batch in {num_iter} "
+            f"iterations and keep their running_var: {', '.join(unseen)}")
+
+
+class PreciseMABN(HookBase):
+    """Detectron2's PreciseBN for MABN2d: `update_mabn_stats` every `period` iterations (before the
+    checkpointer and evaluation) and after the last iteration.
+
+    Each run starts a fresh iterator of `data_loader`, so the batches it uses depend on the loader
+    alone and a resumed training computes the same statistics.
+
+    Args:
+        period: iterations between two runs; 0 runs only after the last iteration.
+        model: the unwrapped model.
+        data_loader: an iterable of training batches (a separate loader from the training one).
+        num_iter: batches per run.
+    """
+
+    def __init__(self, period: int, model: nn.Module, data_loader: Iterable, num_iter: int):
+        if num_iter < 1:
+            raise ValueError(f"PreciseBN for MABN needs NUM_ITER ≥ 1, got {num_iter}")
+        self._period = period
+        self._model = model
+        self._data_loader = data_loader
+        self._num_iter = num_iter
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
+            self.update_stats()
+
+    def update_stats(self) -> None:
+        logging.getLogger(__name__).info(
+            f"Running PreciseBN for MABN over {self._num_iter} batches")
+        update_mabn_stats(self._model, self._data_loader, self._num_iter)

@@ -5,6 +5,7 @@ import os
 import random
 import time
 import weakref
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -19,11 +20,12 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import check_mabn_config
-from .hooks import MABNDiagnostics
+from ..layers import MABN2d
 from ..solver import build_mabn_optimizer
+from .hooks import MABNDiagnostics, PreciseMABN
 from .sampler import ResumableTrainingSampler
 
-__all__ = ["GradientAccumulationTrainer", "Trainer"]
+__all__ = ["GradientAccumulationTrainer", "Trainer", "TrainingSettings", "resumable_sampler"]
 
 
 class GradientAccumulationTrainer(SimpleTrainer):
@@ -58,44 +60,72 @@ class GradientAccumulationTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
+class TrainingSettings(NamedTuple):
+    """What the Trainer reads from a config besides the model, optimizer, data and schedule."""
+
+    output_dir: str
+    weights: str  # loaded when not resuming; "" for none
+    max_iter: int
+    accumulation_steps: int  # micro-batches per optimizer step
+    amp: bool
+    ddp: Dict[str, Any]  # create_ddp_model keyword arguments
+    log_period: int  # MABN diagnostics; 0 for none
+    seed: int | None
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer, made for MABN models trained from scratch.
 
     On top of DefaultTrainer it: checks the MABN config before building anything; gives MABN2d
     parameters the norm weight decay; accumulates gradients over `SOLVER.GRAD_ACCUMULATION_STEPS`
     micro-batches; logs MABN diagnostics every `MODEL.MABN.LOG_PERIOD` iterations; evaluates with
-    COCO AP (boxes, and masks when MASK_ON); and resumes exactly where it stopped: the data stream
-    restarts at the right image and (on rank 0) the random generators are checkpointed. Resume is
-    bit-exact with `DATALOADER.NUM_WORKERS 0` and a fixed `SEED`; with loader workers their
+    COCO AP (boxes, and masks when MASK_ON); re-estimates MABN's inference statistics before each
+    evaluation with `TEST.PRECISE_BN` (see `PreciseMABN`); and resumes exactly where it stopped: the
+    data stream restarts at the right image and (on rank 0) the random generators are checkpointed.
+    Resume is bit-exact with `DATALOADER.NUM_WORKERS 0` and a fixed `SEED`; with loader workers their
     augmentation randomness restarts.
+
+    A subclass for another kind of config (`LazyTrainer`) overrides `training_settings` and the
+    ``build_*`` methods.
     """
 
-    def __init__(self, cfg: CfgNode):
+    def __init__(self, cfg):
         # DefaultTrainer.__init__, except that DDP gets no device_ids on CPU (gloo), and that the
         # inner loop accumulates gradients when asked to.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        settings = self.training_settings(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         on_gpu = next(model.parameters()).device.type == "cuda"
-        model = create_ddp_model(model, broadcast_buffers=False,
+        model = create_ddp_model(model, **settings.ddp,
                                  device_ids=[comm.get_local_rank()] if on_gpu else None)
-        steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
-        if steps > 1:
-            self._trainer = GradientAccumulationTrainer(model, data_loader, optimizer, steps)
+        if settings.accumulation_steps > 1:
+            self._trainer = GradientAccumulationTrainer(model, data_loader, optimizer,
+                                                        settings.accumulation_steps)
         else:
-            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            self._trainer = (AMPTrainer if settings.amp else SimpleTrainer)(
                 model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = DetectionCheckpointer(model, settings.output_dir,
+                                                  trainer=weakref.proxy(self))
         self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.max_iter = settings.max_iter
         self.cfg = cfg
+        self.settings = settings
         self._pending_rng_state: dict | None = None
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def training_settings(cls, cfg: CfgNode) -> TrainingSettings:
+        return TrainingSettings(
+            output_dir=cfg.OUTPUT_DIR, weights=cfg.MODEL.WEIGHTS, max_iter=cfg.SOLVER.MAX_ITER,
+            accumulation_steps=cfg.SOLVER.GRAD_ACCUMULATION_STEPS, amp=cfg.SOLVER.AMP.ENABLED,
+            ddp=dict(broadcast_buffers=False), log_period=cfg.MODEL.MABN.LOG_PERIOD,
+            seed=cfg.SEED if cfg.SEED >= 0 else None)
 
     @classmethod
     def build_model(cls, cfg):
@@ -115,10 +145,8 @@ class Trainer(DefaultTrainer):
         micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         kwargs = build_detection_train_loader.from_config(micro_cfg)
         if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-            per_rank_images = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            kwargs["sampler"] = ResumableTrainingSampler(
-                len(kwargs["dataset"]), seed=cfg.SEED if cfg.SEED >= 0 else None,
-                start=start_iter * per_rank_images)
+            kwargs["sampler"] = resumable_sampler(len(kwargs["dataset"]), cfg.SOLVER.IMS_PER_BATCH,
+                                                  cls.training_settings(cfg).seed, start_iter)
         return build_detection_train_loader(**kwargs)
 
     @classmethod
@@ -128,16 +156,35 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
 
     def build_hooks(self):
-        ret = super().build_hooks()
-        period = self.cfg.MODEL.MABN.LOG_PERIOD
-        if period:
-            model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-            diagnostics = MABNDiagnostics(model, period,
-                                          fail_on_nonfinite=not self.cfg.SOLVER.AMP.ENABLED)
-            # Before the PeriodicWriter, so that each report is written in the same iteration.
+        precise = None
+        if self.cfg.TEST.PRECISE_BN.ENABLED:
+            # As DefaultTrainer does for its PreciseBN: a separate loader without workers.
+            cfg = self.cfg.clone()
+            cfg.defrost()
+            cfg.DATALOADER.NUM_WORKERS = 0
+            precise = (self.cfg.TEST.EVAL_PERIOD, lambda: self.build_train_loader(cfg),
+                       self.cfg.TEST.PRECISE_BN.NUM_ITER)
+        return self.with_mabn_hooks(super().build_hooks(), precise)
+
+    def with_mabn_hooks(self, ret: List[hooks.HookBase],
+                        precise_bn: Tuple[int, Callable[[], Iterable], int] | None):
+        """`ret` with the MABN diagnostics before the PeriodicWriter (each report is then written in
+        the same iteration) and, for `precise_bn` = (period, loader factory, batches) and a model
+        with MABN2d, `PreciseMABN` after the LRScheduler (before checkpointing and evaluation, where
+        Detectron2 puts its PreciseBN)."""
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        if not any(isinstance(m, MABN2d) for m in model.modules()):
+            return ret
+        if self.settings.log_period:
+            diagnostics = MABNDiagnostics(model, self.settings.log_period,
+                                          fail_on_nonfinite=not self.settings.amp)
             writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
                              len(ret))
             ret.insert(writer_at, diagnostics)
+        if precise_bn is not None:
+            period, build_loader, num_iter = precise_bn
+            scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
+            ret.insert(scheduler_at + 1, PreciseMABN(period, model, build_loader(), num_iter))
         return ret
 
     def train(self):
@@ -146,7 +193,12 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
+        """Resume from the last checkpoint in the output directory if `resume` and there is one (the
+        data stream and random generators included), else load the settings' weights."""
+        self.checkpointer.resume_or_load(self.settings.weights, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            # The checkpoint holds the iteration that just finished.
+            self.start_iter = self.iter + 1
         rng_state, self._pending_rng_state = self._pending_rng_state, None
         if self.start_iter > 0:
             def resumed_loader():
@@ -166,6 +218,17 @@ class Trainer(DefaultTrainer):
         # Other ranks keep their own, differently seeded generators.
         if "rng" in state_dict and comm.is_main_process():
             self._pending_rng_state = state_dict["rng"]
+
+
+def resumable_sampler(dataset_size: int, images_per_step: int, seed: int | None,
+                      start_iter: int) -> ResumableTrainingSampler:
+    """The training sampler of this process, positioned at optimizer step `start_iter`.
+
+    Args:
+        images_per_step: images per optimizer step, all processes together.
+    """
+    per_rank_images = images_per_step // comm.get_world_size()
+    return ResumableTrainingSampler(dataset_size, seed=seed, start=start_iter * per_rank_images)
 
 
 class _ResumedDataStream:

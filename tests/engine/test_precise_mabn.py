@@ -1,0 +1,84 @@
+"""PreciseBN for MABN: running_var becomes the population second moment of each layer's input, and
+nothing else in the model changes; TEST.PRECISE_BN.ENABLED turns it on in the Trainer."""
+import copy
+
+import torch
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import hooks
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from mabn_det.engine import PreciseMABN, Trainer, update_mabn_stats
+from mabn_det.layers import MABN2d
+from tests.common import make_cfg, synthetic_image, train_opts
+
+
+def _trained_model(batch):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(opts=["MODEL.MABN.BUFFER_SIZE", "2", "MODEL.MABN.WARMUP_ITERS", "0",
+                                       "MODEL.MABN.RENORM_WARMUP_ITERS", "1"]))
+    model.train()
+    with EventStorage():
+        for _ in range(3):  # past the warm-ups: rings, r and running_var all in use
+            sum(model(batch).values()).backward()
+    return model
+
+
+def _input_second_moments(model, batch):
+    """{layer: per-channel mean(x²) of its input}, from a copy of `model` run once on `batch`."""
+    model = copy.deepcopy(model)
+    moments = {}
+
+    def record(name, module, inputs):
+        if inputs[0].numel():
+            moments[name] = inputs[0].double().square().mean(dim=(0, 2, 3))
+
+    for name, m in model.named_modules():
+        if isinstance(m, MABN2d):
+            m.register_forward_pre_hook(lambda mod, inp, name=name: record(name, mod, inp))
+    with torch.no_grad(), EventStorage():
+        model(batch)
+    return moments
+
+
+def test_running_var_is_the_mean_second_moment_and_nothing_else_changes(batch_with_empty_image):
+    model = _trained_model(batch_with_empty_image)
+    batches = [batch_with_empty_image,
+               [synthetic_image(boxes=[(4, 4, 40, 40)], seed=3), synthetic_image(seed=4)],
+               [synthetic_image(boxes=[(20, 10, 50, 34)], seed=5)]]
+    torch.manual_seed(1)  # proposal sampling draws from torch's generator, in the same order below
+    per_batch = [_input_second_moments(model, b) for b in batches]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    renorm_before = {n: m.last_renorm for n, m in model.named_modules() if isinstance(m, MABN2d)}
+
+    torch.manual_seed(1)
+    update_mabn_stats(model, batches, num_iter=len(batches))
+
+    after = model.state_dict()
+    layers = [n for n, m in model.named_modules() if isinstance(m, MABN2d)]
+    for name in layers:
+        seen = [moments[name] for moments in per_batch if name in moments]
+        assert seen, name
+        expected = torch.stack(seen).mean(0).float()
+        torch.testing.assert_close(after[f"{name}.running_var"], expected, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(after[f"{name}.running_var"], before[f"{name}.running_var"])
+    for key, value in before.items():
+        if not key.endswith("running_var"):
+            assert torch.equal(after[key], value), f"{key} changed"
+    assert all(m.last_renorm is renorm_before[n]
+               for n, m in model.named_modules() if isinstance(m, MABN2d))
+
+
+def test_trainer_runs_precise_mabn_before_checkpointing(tiny_coco, tmp_path):
+    register_coco_instances("tiny_precise", {}, *tiny_coco)
+    cfg = make_cfg(opts=train_opts(str(tmp_path), "tiny_precise", **{
+        "SOLVER.MAX_ITER": 2, "TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2}))
+    trainer = Trainer(cfg)
+    kinds = [type(h) for h in trainer._hooks]
+    assert hooks.PreciseBN not in kinds  # Detectron2's finds no BatchNorm and is not added
+    assert kinds.index(PreciseMABN) < kinds.index(hooks.PeriodicCheckpointer)
+    calls = []
+    precise = trainer._hooks[kinds.index(PreciseMABN)]
+    precise.update_stats = lambda: calls.append(trainer.iter)
+    trainer.train()
+    assert calls == [1]  # after the last iteration (EVAL_PERIOD 0)
