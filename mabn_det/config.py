@@ -9,26 +9,54 @@ from detectron2.config import get_cfg
 from .layers import MABN2d, check_mabn_hyperparameters
 
 __all__ = ["add_mabn_config", "check_mabn_config", "get_key", "load_config", "mabn_layer_kwargs",
-           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM", "MABN_NORM_SITES", "STOCK_NAMES"]
+           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM", "MABN_NORM_ALSO_READ_BY",
+           "MABN_NORM_SITES", "META_ARCHS_READING", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
 # Where NORM: "MABN" may appear, and the registered names that can build it there.
 MABN_NORM_SITES = {
     "MODEL.RESNETS.NORM": ("MODEL.BACKBONE.NAME",
-                           ("build_mabn_resnet_backbone", "build_mabn_resnet_fpn_backbone")),
-    "MODEL.FPN.NORM": ("MODEL.BACKBONE.NAME", ("build_mabn_resnet_fpn_backbone",)),
+                           ("build_mabn_resnet_backbone", "build_mabn_resnet_fpn_backbone",
+                            "build_mabn_retinanet_resnet_fpn_backbone")),
+    "MODEL.FPN.NORM": ("MODEL.BACKBONE.NAME",
+                       ("build_mabn_resnet_fpn_backbone", "build_mabn_retinanet_resnet_fpn_backbone")),
     "MODEL.ROI_BOX_HEAD.NORM": ("MODEL.ROI_BOX_HEAD.NAME", ("MABNFastRCNNConvFCHead",)),
     "MODEL.ROI_MASK_HEAD.NORM": ("MODEL.ROI_MASK_HEAD.NAME", ("MABNMaskRCNNConvUpsampleHead",)),
+    "MODEL.RETINANET.NORM": ("MODEL.META_ARCHITECTURE", ("MABNRetinaNet",)),
+    "MODEL.SEM_SEG_HEAD.NORM": ("MODEL.SEM_SEG_HEAD.NAME", ("MABNSemSegFPNHead",)),
+}
+
+# NORM keys that only some meta-architectures read. Elsewhere Detectron2 ignores them, and so does
+# check_mabn_config, so that a config may set every NORM of MABN_NORM_SITES to "MABN".
+META_ARCHS_READING = {
+    "MODEL.RETINANET.NORM": ("RetinaNet", "MABNRetinaNet"),
+    "MODEL.SEM_SEG_HEAD.NORM": ("SemanticSegmentor", "PanopticFPN"),
+}
+
+# Stock modules that read a NORM of MABN_NORM_SITES besides the one its name key names:
+# norm key -> (name key, stock name, the meta-architectures that build that module).
+# Res5ROIHeads (Detectron2's default ROI_HEADS.NAME) builds res5 from MODEL.RESNETS.NORM.
+MABN_NORM_ALSO_READ_BY = {
+    "MODEL.RESNETS.NORM": ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("GeneralizedRCNN", "PanopticFPN")),
 }
 
 # The stock Detectron2 module each of our registered names extends.
 STOCK_NAMES = {
     "build_mabn_resnet_backbone": "build_resnet_backbone",
     "build_mabn_resnet_fpn_backbone": "build_resnet_fpn_backbone",
+    "build_mabn_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_fpn_backbone",
     "MABNFastRCNNConvFCHead": "FastRCNNConvFCHead",
     "MABNMaskRCNNConvUpsampleHead": "MaskRCNNConvUpsampleHead",
+    "MABNRes5ROIHeads": "Res5ROIHeads",
+    "MABNRetinaNet": "RetinaNet",
+    "MABNSemSegFPNHead": "SemSegFPNHead",
 }
+
+# What "MABN" becomes for stock Detectron2 where it is not "FrozenBN": RetinaNet's head is shared
+# by the levels, and stock Detectron2 gives it per-level statistics only for "BN"
+# (CycleBatchNormList, see mabn_det.layers.convert_to_inference_form).
+_STOCK_INFERENCE_NORMS = {"MODEL.RETINANET.NORM": "BN"}
 
 
 def add_mabn_config(cfg: CN) -> None:
@@ -134,10 +162,18 @@ def check_mabn_config(cfg: CN) -> None:
         if key not in MABN_NORM_SITES:
             raise ValueError(f'cfg.{key} = "MABN" is not supported; MABN works in '
                              f"{', '.join(MABN_NORM_SITES)}")
+        if key in META_ARCHS_READING and cfg.MODEL.META_ARCHITECTURE not in META_ARCHS_READING[key]:
+            continue
         name_key, builders = MABN_NORM_SITES[key]
         if get_key(cfg, name_key) not in builders:
             raise ValueError(f'cfg.{key} = "MABN" needs cfg.{name_key} to be one of {builders}, '
                              f"got {get_key(cfg, name_key)!r}")
+        if key in MABN_NORM_ALSO_READ_BY:
+            name_key, stock_name, meta_archs = MABN_NORM_ALSO_READ_BY[key]
+            if get_key(cfg, name_key) == stock_name and cfg.MODEL.META_ARCHITECTURE in meta_archs:
+                ours = next(name for name, stock in STOCK_NAMES.items() if stock == stock_name)
+                raise ValueError(f'cfg.{key} = "MABN" needs cfg.{name_key} to be {ours!r} '
+                                 f"({stock_name} builds layers from {key}), got {stock_name!r}")
     if cfg.MODEL.RESNETS.NORM == MABN_NORM:
         if cfg.MODEL.BACKBONE.FREEZE_AT > 0:
             raise ValueError("MABN layers cannot be frozen: set cfg.MODEL.BACKBONE.FREEZE_AT to 0 "
@@ -169,15 +205,19 @@ def with_mabn_norms(cfg: CN) -> CN:
 def stock_inference_config(cfg: CN) -> CN:
     """The config of the same architecture for stock Detectron2, without mabn_det.
 
-    Every NORM "MABN" becomes "FrozenBN" and every mabn_det name its stock counterpart; the keys that
-    `add_mabn_config` added are removed. Weights converted by
-    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
+    Every NORM "MABN" becomes "FrozenBN" ("BN" for MODEL.RETINANET.NORM, evaluated in eval mode)
+    and every mabn_det name its stock counterpart; the keys that `add_mabn_config` added are
+    removed. Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model
+    it builds.
     """
     stock = cfg.clone()
     stock.defrost()
-    for norm_key, (name_key, _) in MABN_NORM_SITES.items():
+    for norm_key in MABN_NORM_SITES:
         if get_key(stock, norm_key) == MABN_NORM:
-            set_key(stock, norm_key, "FrozenBN")
+            set_key(stock, norm_key, _STOCK_INFERENCE_NORMS.get(norm_key, "FrozenBN"))
+    name_keys = {name_key for name_key, _ in MABN_NORM_SITES.values()}
+    name_keys |= {name_key for name_key, _, _ in MABN_NORM_ALSO_READ_BY.values()}
+    for name_key in name_keys:
         name = get_key(stock, name_key)
         set_key(stock, name_key, STOCK_NAMES.get(name, name))
     del stock.MODEL["MABN"]

@@ -10,8 +10,13 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from .mabn import MABN2d
+from .per_level_mabn import PerLevelMABN2d
 
 __all__ = ["CentredConv2d"]
+
+
+def _is_mabn(norm) -> bool:
+    return isinstance(norm, (MABN2d, PerLevelMABN2d))
 
 
 class CentredConv2d(Conv2d):
@@ -37,7 +42,12 @@ class CentredConv2d(Conv2d):
 
     @classmethod
     def convert_convs_before_mabn(cls, module: nn.Module) -> nn.Module:
-        """Turn, in place, every Detectron2 `Conv2d` whose ``norm`` is an MABN2d into a CentredConv2d.
+        """Turn, in place, every conv that feeds an MABN layer into a CentredConv2d.
+
+        Two layouts are recognised: a Detectron2 `Conv2d` whose ``norm`` is an MABN2d (ResNet, FPN,
+        ROI and semantic heads), and a plain `nn.Conv2d` directly followed by an MABN2d or
+        PerLevelMABN2d in an `nn.Sequential` (RetinaNet's subnets); the latter gets ``norm`` and
+        ``activation`` None, since the Sequential applies them.
 
         The class of each conv is swapped rather than the module replaced: Detectron2's FPN and ROI
         heads also reach their convs through plain Python lists, which a replaced child would leave
@@ -48,6 +58,11 @@ class CentredConv2d(Conv2d):
             `module`, for chaining.
         """
         for m in module.modules():
-            if type(m) is Conv2d and isinstance(m.norm, MABN2d):
+            if type(m) is Conv2d and _is_mabn(m.norm):
                 m.__class__ = cls
+            elif isinstance(m, nn.Sequential):
+                for conv, norm in zip(list(m), list(m)[1:]):
+                    if type(conv) is nn.Conv2d and _is_mabn(norm):
+                        conv.__class__ = cls
+                        conv.norm = conv.activation = None
         return module

@@ -2,11 +2,12 @@
 import copy
 
 import torch
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
 from torch import nn
 
 from .centred_conv import CentredConv2d
 from .mabn import MABN2d
+from .per_level_mabn import PerLevelMABN2d
 
 __all__ = ["convert_to_inference_form"]
 
@@ -20,10 +21,29 @@ def _frozen_bn_from(mabn: MABN2d) -> FrozenBatchNorm2d:
     return frozen.to(mabn.weight.device)
 
 
+def _cycle_batch_norm_from(per_level: PerLevelMABN2d) -> CycleBatchNormList:
+    """What stock Detectron2's RetinaNetHead builds for NORM "BN": per-level BatchNorm2d without
+    affine, then the shared γ and β. In eval mode each level is γ·x/√(running_var+ε) + β, like MABN.
+    """
+    first = per_level.levels[0]
+    cycle = CycleBatchNormList(len(per_level.levels), bn_class=nn.BatchNorm2d,
+                               num_features=first.num_features)
+    cycle.weight.copy_(per_level.weight.detach())
+    cycle.bias.copy_(per_level.bias.detach())
+    for bn, mabn in zip(cycle, per_level.levels):
+        bn.running_mean.zero_()
+        # Stock Detectron2 builds these BatchNorm2d with their default ε; MABN's ε goes into the
+        # variance so that √(running_var + ε) is unchanged.
+        bn.running_var.copy_(mabn.running_var + (mabn.eps - bn.eps))
+    return cycle.to(first.weight.device).train(per_level.training)
+
+
 def _replace_mabn(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, MABN2d):
             setattr(module, name, _frozen_bn_from(child))
+        elif isinstance(child, PerLevelMABN2d):
+            setattr(module, name, _cycle_batch_norm_from(child))
         else:
             _replace_mabn(child)
 
@@ -44,17 +64,20 @@ def _fold_frozen_bn_(conv: Conv2d) -> None:
 @torch.no_grad()
 def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
                               inplace: bool = False) -> nn.Module:
-    """Turn every MABN2d into Detectron2's FrozenBatchNorm2d and every weight-centred conv into a
-    plain Detectron2 Conv2d holding its centred weights.
+    """Turn every MABN2d into Detectron2's FrozenBatchNorm2d, every PerLevelMABN2d into the
+    `CycleBatchNormList` of BatchNorm2d that Detectron2 builds for RetinaNet's NORM "BN", and every
+    weight-centred conv into a plain Detectron2 Conv2d holding its centred weights.
 
     Eval outputs are unchanged: MABN at inference is the per-channel affine map
-    γ·x/√(running_var+ε) + β, i.e. FrozenBatchNorm2d with running_mean 0. Module identity of the convs
-    is kept (their class is swapped), so containers that hold them in plain lists keep working.
+    γ·x/√(running_var+ε) + β, i.e. FrozenBatchNorm2d with running_mean 0 (per level: BatchNorm2d in
+    eval mode, whose statistics a training-mode forward would overwrite). Module identity of the
+    convs is kept (their class is swapped), so containers that hold them in plain lists keep working.
 
     Args:
         model: any module; only MABN2d and CentredConv2d instances are changed.
         fold_into_conv: also fold each such FrozenBatchNorm2d into the Conv2d that feeds it, leaving
             a conv with a bias and no norm (fastest; the state dict no longer matches a FrozenBN model).
+            Per-level norms stay: their shared conv cannot hold L foldings.
         inplace: modify `model` itself instead of a deep copy.
 
     Returns:
