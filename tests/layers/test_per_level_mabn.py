@@ -81,11 +81,31 @@ def test_replaces_cycle_batch_norms_and_centres_the_plain_convs_before_them():
         {k for k in keys if k.startswith("subnet.0.")}
 
     x = torch.randn(2, 4, 5, 5)
-    out = [subnet(x), subnet(x)]
+    for _ in range(2):  # one training step: one call per level
+        assert torch.isfinite(subnet(x)).all()
     with torch.no_grad():
         subnet[0].weight.add_(torch.randn(4, 1, 1, 1) * 5)  # invisible to a centred conv
     subnet.eval()
     inference = convert_to_inference_form(subnet)
     assert type(inference[0]) is Conv2d and inference[0].norm is None
     torch.testing.assert_close(inference[0](x), subnet[0](x))
-    assert all(torch.isfinite(y).all() for y in out)
+
+
+def test_precise_bn_estimates_each_level_from_its_own_inputs():
+    from mabn_det.engine.hooks import update_mabn_stats
+
+    class SharedNorm(nn.Module):  # a norm shared by the levels, as in RetinaNet's head
+        def __init__(self):
+            super().__init__()
+            self.norm = PerLevelMABN2d(3, 4, **KWARGS)
+
+        def forward(self, levels):
+            return [self.norm(x) for x in levels]
+
+    model = SharedNorm()
+    batches = [[x.float() for x in _level_inputs(seed)] for seed in range(4)]
+    update_mabn_stats(model, batches, num_iter=4)
+    for k, level in enumerate(model.norm.levels):
+        expected = torch.stack([b[k].square().mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+        torch.testing.assert_close(level.running_var, expected)
+        assert int(level.iteration) == 0  # the estimation restores the step counters
