@@ -4,10 +4,15 @@
 Compares, at the same input: nn.BatchNorm2d (training mode), nn.GroupNorm(32), mabn_det's MABN2d
 (in its steady state: moving averages and renormalisation active), and a naive MABN written op by op
 with Python-side step counting (the formulation of the paper, implemented without fusion) as a
-reference point. Prints a Markdown table with the device name.
+reference point. Prints a Markdown table with the device name; each cell also gives, in brackets,
+the kernel launches of one forward+backward (CUDA: counted by the profiler; CPU: ATen ops that
+would each be a kernel on a GPU).
 
     python benchmarks/bench_layers.py                 # CPU shapes (and CUDA shapes when present)
     python benchmarks/bench_layers.py --device cuda   # R50-FPN shapes, 2 images of 800×1216
+    python benchmarks/bench_layers.py --device cuda --kernel triton   # MABN2d's Triton path only
+
+MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one).
 """
 import argparse
 import statistics
@@ -17,6 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from launch_count import count_launches
 from mabn_det.layers import MABN2d
 
 CPU_SHAPES = {"(2,256,64,64)": (2, 256, 64, 64), "(2,64,128,128)": (2, 64, 128, 128),
@@ -69,13 +75,13 @@ class NaiveMABN(nn.Module):
         return Fn.apply(x, self.weight, self.bias)
 
 
-def _layers(channels: int) -> Dict[str, nn.Module]:
-    return {
-        "BatchNorm2d": nn.BatchNorm2d(channels),
-        "GroupNorm(32)": nn.GroupNorm(32, channels),
-        "MABN2d": MABN2d(channels, warmup_iters=0, renorm_warmup_iters=0),
-        "naive MABN": NaiveMABN(channels),
-    }
+def _layers(channels: int, kernels: List[str]) -> Dict[str, nn.Module]:
+    layers = {"BatchNorm2d": nn.BatchNorm2d(channels), "GroupNorm(32)": nn.GroupNorm(32, channels)}
+    for kernel in kernels:
+        name = "MABN2d" if kernel == "torch" else f"MABN2d ({kernel})"
+        layers[name] = MABN2d(channels, warmup_iters=0, renorm_warmup_iters=0, kernel=kernel)
+    layers["naive MABN"] = NaiveMABN(channels)
+    return layers
 
 
 def _time(fn: Callable[[], None], device: str, repeats: int) -> float:
@@ -94,40 +100,46 @@ def _time(fn: Callable[[], None], device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype,
-                channels_last: bool, repeats: int) -> Dict[str, float]:
-    """Seconds per forward+backward of each layer at `shape`."""
+def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channels_last: bool,
+                repeats: int, kernels: List[str]) -> Dict[str, Tuple[float, int]]:
+    """(seconds, kernel launches) per forward+backward of each layer at `shape`."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape, device=device).to(memory_format=memory_format).requires_grad_()
-    dy = torch.randn(shape, device=device).to(memory_format=memory_format)
+    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=memory_format)
+    x.requires_grad_()
+    dy = torch.randn(shape, device=device).to(dtype=dtype, memory_format=memory_format)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     result = {}
-    for name, layer in _layers(shape[1]).items():
+    for name, layer in _layers(shape[1], kernels).items():
         layer = layer.to(device).train()
 
         def step():
+            # Fresh gradients: no accumulation kernels in the count.
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
             with autocast:
-                y = layer(x.to(dtype) if dtype != torch.float32 else x)
+                y = layer(x)
             y.backward(dy.to(y.dtype))
 
-        result[name] = _time(step, device, repeats)
+        seconds = _time(step, device, repeats)
+        result[name] = seconds, count_launches(step, device)
     return result
 
 
 def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
-          formats: List[bool], repeats: int) -> str:
-    names = list(_layers(32))
+          formats: List[bool], repeats: int, kernels: List[str]) -> str:
+    names = list(_layers(32, kernels))
     lines = [f"| shape | dtype | layout | BatchNorm2d (ms) | "
              + " | ".join(f"{n} / BN" for n in names[1:]) + " |",
              "|---" * (4 + len(names) - 1) + "|"]
     for label, shape in shapes.items():
         for dtype in dtypes:
             for channels_last in formats:
-                t = bench_shape(shape, device, dtype, channels_last, repeats)
-                ratios = " | ".join(f"{t[n] / t['BatchNorm2d']:.2f}×" for n in names[1:])
+                r = bench_shape(shape, device, dtype, channels_last, repeats, kernels)
+                bn_seconds, bn_launches = r["BatchNorm2d"]
+                ratios = " | ".join(f"{r[n][0] / bn_seconds:.2f}× ({r[n][1]})" for n in names[1:])
                 lines.append(f"| {label} | {str(dtype).split('.')[-1]} | "
                              f"{'NHWC' if channels_last else 'NCHW'} | "
-                             f"{t['BatchNorm2d'] * 1e3:.2f} | {ratios} |")
+                             f"{bn_seconds * 1e3:.2f} ({bn_launches}) | {ratios} |")
     return "\n".join(lines)
 
 
@@ -136,19 +148,27 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
                         help="default: cpu, plus cuda when available")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
+                        help="MABN2d implementation(s) to time; default: torch, plus triton on CUDA "
+                             "(the Triton path runs on CUDA only)")
     args = parser.parse_args()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
+        kernels = args.kernel or (["torch", "triton"] if device == "cuda" else ["torch"])
+        if device != "cuda" and "triton" in kernels:
+            print("\nMABN2d(kernel='triton') runs on CUDA only; timing its PyTorch path on CPU")
+            kernels = ["torch"]
         if device == "cuda":
             name = torch.cuda.get_device_name()
             print(f"\n{name}, torch {torch.__version__}, forward+backward, median of "
-                  f"{args.repeats}\n")
+                  f"{args.repeats}; (n) = kernel launches per forward+backward\n")
             print(table("cuda", CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
-                        [False, True], args.repeats))
+                        [False, True], args.repeats, kernels))
         else:
             print(f"\nCPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-                  f"forward+backward, median of {args.repeats}\n")
-            print(table("cpu", CPU_SHAPES, [torch.float32], [False], args.repeats))
+                  f"forward+backward, median of {args.repeats}; (n) = ATen ops per "
+                  f"forward+backward, each a kernel launch on a GPU\n")
+            print(table("cpu", CPU_SHAPES, [torch.float32], [False], args.repeats, kernels))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,21 @@
 2 images of 800×1216 with 10 random boxes each, 4conv1fc box head, norms in backbone, FPN and both
 heads. Prints the median iteration time, its ratio to BN and the peak memory; with CUDA it also runs
 one MABN iteration under `torch.cuda.set_sync_debug_mode("error")` to prove that MABN adds no host
-synchronisation beyond Detectron2's own.
+synchronisation beyond Detectron2's own. Next to the timings: kernel launches per iteration, norm
+layer-steps per iteration, and launches per norm layer-step (one layer of the model, alone).
 
     python benchmarks/bench_maskrcnn.py                    # CUDA when present
     python benchmarks/bench_maskrcnn.py --device cpu --size 320 --iters 3   # a CPU smoke run
+    python benchmarks/bench_maskrcnn.py --kernel triton    # MABN2d's Triton path only
+
+MABN runs with MABN2d(kernel="torch") and, on CUDA, kernel="triton"; `--kernel` picks one. On CPU
+"launches" are ATen ops, each of which would be a kernel launch on a GPU.
 """
 import argparse
+import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -21,18 +28,29 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from mabn_det.config import MABN_NORM_SITES, load_config, set_key
+from mabn_det.layers import MABN2d
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch_count import count_launches  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "Base-MABN-RCNN-FPN.yaml")
 
 
-def _model(norm: str, device: str):
+NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, MABN2d)
+
+
+def _model(norm: str, device: str, kernel: str = "torch"):
     cfg = load_config(CONFIG)
     for key in MABN_NORM_SITES:
         set_key(cfg, key, norm)
     cfg.MODEL.DEVICE = device
     cfg.MODEL.MABN.WARMUP_ITERS = cfg.MODEL.MABN.RENORM_WARMUP_ITERS = 0  # steady state
-    return build_model(cfg).train()
+    model = build_model(cfg).train()
+    for module in model.modules():
+        if isinstance(module, MABN2d):
+            module.kernel = kernel
+    return model
 
 
 def _batch(height: int, width: int, device: str):
@@ -59,8 +77,33 @@ def _step(model, optimizer, batch):
     optimizer.step()
 
 
-def measure(norm: str, device: str, batch, iters: int):
-    model = _model(norm, device)
+def _launch_counts(model, optimizer, batch, device: str):
+    """(launches per iteration, norm layer-steps per iteration, launches per norm layer-step)."""
+    norms = [m for m in model.modules() if isinstance(m, NORM_TYPES)]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in norms]
+    try:
+        per_iteration = count_launches(lambda: _step(model, optimizer, batch), device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not norms:
+        return per_iteration, 0, 0
+    layer = copy.deepcopy(norms[0])
+    x = torch.randn(2, getattr(layer, "num_features", None) or layer.num_channels, 32, 32,
+                    device=device, requires_grad=True)
+
+    def layer_step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(torch.ones_like(x))
+
+    layer_step()
+    return per_iteration, len(calls), count_launches(layer_step, device)
+
+
+def measure(norm: str, device: str, batch, iters: int, kernel: str = "torch"):
+    model = _model(norm, device, kernel)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     times = []
     with EventStorage():
@@ -75,8 +118,9 @@ def measure(norm: str, device: str, batch, iters: int):
                 torch.cuda.synchronize()
             if i >= 3:
                 times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return statistics.median(times), peak, model, optimizer
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        launches = _launch_counts(model, optimizer, batch, device)
+    return statistics.median(times), peak, launches, model
 
 
 def main() -> None:
@@ -84,16 +128,27 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=800, help="short side; long side × 1.52")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
+                        help="MABN2d implementation(s); default: torch, plus triton on CUDA")
     args = parser.parse_args()
+    kernels = args.kernel or (["torch", "triton"] if args.device == "cuda" else ["torch"])
+    if args.device != "cuda" and "triton" in kernels:
+        print("MABN2d(kernel='triton') runs on CUDA only; using its PyTorch path on CPU")
+        kernels = ["torch"]
     batch = _batch(args.size, int(args.size * 1.52) // 32 * 32, args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, 2 images {args.size}×{int(args.size * 1.52) // 32 * 32}")
-    print("| norm | ms / iteration | vs BN | peak memory (GiB) |\n|---|---|---|---|")
+    print("| norm | ms / iteration | vs BN | peak memory (GiB) | launches / iteration "
+          "| norm layer-steps / iteration | launches / norm layer-step |\n" + "|---" * 7 + "|")
     results = {}
-    for norm in ("BN", "GN", "MABN"):
-        seconds, peak, model, optimizer = measure(norm, args.device, batch, args.iters)
-        results[norm] = seconds
-        print(f"| {norm} | {seconds * 1e3:.1f} | {seconds / results['BN']:.3f}× | {peak:.2f} |")
+    runs = [("BN", "BN", "torch"), ("GN", "GN", "torch")] + [
+        ("MABN" if kernel == "torch" else f"MABN ({kernel})", "MABN", kernel) for kernel in kernels]
+    for label, norm, kernel in runs:
+        seconds, peak, (launches, layer_steps, per_layer), model = measure(
+            norm, args.device, batch, args.iters, kernel)
+        results[label] = seconds
+        print(f"| {label} | {seconds * 1e3:.1f} | {seconds / results['BN']:.3f}× | {peak:.2f} "
+              f"| {launches} | {layer_steps} | {per_layer} |")
     if args.device == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
