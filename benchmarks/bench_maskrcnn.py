@@ -27,7 +27,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from mabn_det.config import MABN_NORM_SITES, load_config, set_key
+from mabn_det.config import load_config, set_key
 from mabn_det.layers import MABN2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,17 +40,19 @@ CONFIG = os.path.join(REPO, "configs", "Base-MABN-RCNN-FPN.yaml")
 NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, MABN2d)
 
 
+# The normalised sites of a Mask R-CNN R50-FPN.
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
+             "MODEL.ROI_MASK_HEAD.NORM")
+
+
 def _model(norm: str, device: str, kernel: str = "torch"):
     cfg = load_config(CONFIG)
-    for key in MABN_NORM_SITES:
+    for key in NORM_KEYS:
         set_key(cfg, key, norm)
     cfg.MODEL.DEVICE = device
     cfg.MODEL.MABN.WARMUP_ITERS = cfg.MODEL.MABN.RENORM_WARMUP_ITERS = 0  # steady state
-    model = build_model(cfg).train()
-    for module in model.modules():
-        if isinstance(module, MABN2d):
-            module.kernel = kernel
-    return model
+    cfg.MODEL.MABN.KERNEL = kernel
+    return build_model(cfg).train()
 
 
 def _batch(height: int, width: int, device: str):

@@ -31,6 +31,7 @@ def check_mabn_hyperparameters(
     renorm_clip: float,
     momentum: float,
     eps: float,
+    kernel: str = "auto",
     name_of: Callable[[str], str] = str,
 ) -> None:
     """Raise ValueError naming the first invalid hyper-parameter.
@@ -45,6 +46,7 @@ def check_mabn_hyperparameters(
         ("renorm_clip", renorm_clip, renorm_clip >= 1.0, "≥ 1 (r is clipped to [1/clip, clip])"),
         ("momentum", momentum, 0.0 < momentum <= 1.0, "in (0, 1]"),
         ("eps", eps, eps > 0.0, "> 0"),
+        ("kernel", kernel, kernel in KERNELS, f"one of {', '.join(map(repr, KERNELS))}"),
     ]
     for arg, value, ok, expected in rules:
         if not ok:
@@ -192,7 +194,7 @@ class MABN2d(nn.Module):
         check_mabn_hyperparameters(
             buffer_size=buffer_size, warmup_iters=warmup_iters,
             renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip,
-            momentum=momentum, eps=eps,
+            momentum=momentum, eps=eps, kernel=kernel,
         )
         self.num_features = num_features
         self.buffer_size = buffer_size

@@ -64,9 +64,10 @@ def test_norms_can_be_mixed():
 
 
 def test_hyperparameters_reach_every_layer():
-    model = build_model(make_cfg(opts=["MODEL.MABN.BUFFER_SIZE", "5", "MODEL.MABN.RENORM_CLIP", "2.5"]))
+    model = build_model(make_cfg(opts=["MODEL.MABN.BUFFER_SIZE", "5", "MODEL.MABN.RENORM_CLIP", "2.5",
+                                       "MODEL.MABN.KERNEL", "triton"]))
     layers = [m for m in model.modules() if isinstance(m, MABN2d)]
-    assert {(m.buffer_size, m.renorm_clip) for m in layers} == {(5, 2.5)}
+    assert {(m.buffer_size, m.renorm_clip, m.kernel) for m in layers} == {(5, 2.5, "triton")}
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -83,6 +84,8 @@ def test_hyperparameters_reach_every_layer():
     (["MODEL.MABN.MOMENTUM", "1.5"], r"cfg.MODEL.MABN.MOMENTUM must be in \(0, 1\], got 1.5"),
     (["MODEL.MABN.RENORM_CLIP", "0.5"], "cfg.MODEL.MABN.RENORM_CLIP must be ≥ 1"),
     (["MODEL.MABN.EPS", "0.0"], "cfg.MODEL.MABN.EPS must be > 0"),
+    (["MODEL.MABN.KERNEL", "cuda"],
+     "cfg.MODEL.MABN.KERNEL must be one of 'auto', 'triton', 'torch', got 'cuda'"),
     (["SOLVER.GRAD_ACCUMULATION_STEPS", "3"], "GRAD_ACCUMULATION_STEPS must be ≥ 1 and divide"),
 ])
 def test_unusable_configs_are_refused_with_the_setting_to_use(opts, message):
