@@ -75,6 +75,10 @@ def add_mabn_config(cfg: CN) -> None:
     cfg.MODEL.MABN.MOMENTUM = 0.02
     # Added to the second moment before the square root; > 0.
     cfg.MODEL.MABN.EPS = 1e-5
+    # How a training step is computed: "torch" (PyTorch ops, the reference), "triton" (four fused
+    # kernels per layer-step for CUDA tensors; opt-in until its CUDA tests have passed on a GPU) or
+    # "auto" (today "torch" everywhere). See MABN2d's docstring.
+    cfg.MODEL.MABN.KERNEL = "auto"
     # Make every conv that feeds an MABN layer a CentredConv2d, whose filters have mean 0 (needed:
     # MABN drops the mean subtraction).
     cfg.MODEL.MABN.CENTRED_CONV = True
@@ -130,7 +134,7 @@ def mabn_layer_kwargs(cfg: CN) -> dict:
     c = cfg.MODEL.MABN
     kwargs = dict(buffer_size=c.BUFFER_SIZE, warmup_iters=c.WARMUP_ITERS,
                   renorm_warmup_iters=c.RENORM_WARMUP_ITERS, renorm_clip=c.RENORM_CLIP,
-                  momentum=c.MOMENTUM, eps=c.EPS)
+                  momentum=c.MOMENTUM, eps=c.EPS, kernel=c.KERNEL)
     check_mabn_hyperparameters(**kwargs, name_of=lambda arg: f"cfg.MODEL.MABN.{arg.upper()}")
     return kwargs
 
