@@ -15,9 +15,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from mabn_det.config import stock_inference_config
 from mabn_det.deploy import export_for_stock_detectron2
 from mabn_det.engine.hooks import MABNDiagnostics
-from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
+from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d, convert_to_inference_form
 from mabn_det.solver import mabn_aware_param_groups
 from tests.common import REPO, make_cfg
 
@@ -113,7 +114,7 @@ def test_retinanet_exports_to_stock_detectron2(tmp_path, batch_with_empty_image)
     cfg = _small_cfg("retinanet_R_50_FPN_2x_mabn_scratch.yaml", *FPN_ANCHORS,
                      "MODEL.MABN.EPS", "1e-3", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
     model = build_model(cfg)
-    _train(model, batch_with_empty_image)
+    _train(model, batch_with_empty_image, steps=1)  # moves the statistics away from their init
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("mabn")
     config = export_for_stock_detectron2(cfg, str(tmp_path / "mabn.pth"), str(tmp_path / "deploy"))
 
@@ -130,6 +131,22 @@ def test_retinanet_exports_to_stock_detectron2(tmp_path, batch_with_empty_image)
     torch.testing.assert_close(got.scores, expected.scores, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor,
                                rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("config, opts", [
+    ("mask_rcnn_R_50_C4_2x_mabn_scratch.yaml", ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8, 16, 32]]"]),
+    ("cascade_mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml", FPN_ANCHORS),
+    ("panoptic_fpn_R_50_2x_mabn_scratch.yaml", FPN_ANCHORS),
+])
+def test_inference_form_loads_into_the_stock_model(config, opts):
+    cfg = _small_cfg(config, *opts)
+    converted = convert_to_inference_form(build_model(cfg))
+    stock_cfg = stock_inference_config(cfg)
+    assert not any(name.startswith(("MABN", "build_mabn")) for name in (
+        stock_cfg.MODEL.META_ARCHITECTURE, stock_cfg.MODEL.BACKBONE.NAME,
+        stock_cfg.MODEL.ROI_HEADS.NAME, stock_cfg.MODEL.ROI_BOX_HEAD.NAME,
+        stock_cfg.MODEL.ROI_MASK_HEAD.NAME, stock_cfg.MODEL.SEM_SEG_HEAD.NAME))
+    build_model(stock_cfg).load_state_dict(converted.state_dict())  # strict: same keys and shapes
 
 
 def test_c4_res5_in_the_roi_heads_is_mabn(batch_with_empty_image):
