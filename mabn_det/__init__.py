@@ -1,8 +1,8 @@
 """mabn_det: Moving Average Batch Normalization (Yan et al., ICLR 2020) for Detectron2.
 
-Importing the package registers its backbones and ROI heads in Detectron2's registries. It imports
-nothing beyond torch and Detectron2 and registers no dataset; the synthetic shapes set, the demo and
-the norm study live beside it, in `mabn_experiments`.
+Importing the package registers its backbones, ROI and semantic heads and RetinaNet in Detectron2's
+registries. It imports nothing beyond torch and Detectron2 and registers no dataset; the synthetic
+shapes set, the demo and the norm study live beside it, in `mabn_experiments`.
 """
 try:
     import detectron2  # noqa: F401
@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import modeling as _  # noqa: F401  (only registration)
 from .config import add_mabn_config, check_mabn_config, load_config
-from .layers import CentredConv2d, MABN2d, convert_to_inference_form
+from .layers import CentredConv2d, MABN2d, PerLevelMABN2d, convert_to_inference_form
 
-__all__ = ["CentredConv2d", "MABN2d", "add_mabn_config", "check_mabn_config",
+__all__ = ["CentredConv2d", "MABN2d", "PerLevelMABN2d", "add_mabn_config", "check_mabn_config",
            "convert_to_inference_form", "load_config"]
