@@ -9,8 +9,8 @@ from detectron2.config import get_cfg
 from .layers import MABN2d, check_mabn_hyperparameters
 
 __all__ = ["add_mabn_config", "check_mabn_config", "get_key", "load_config", "mabn_layer_kwargs",
-           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM", "MABN_NORM_ALSO_READ_BY",
-           "MABN_NORM_SITES", "META_ARCHS_READING", "STOCK_NAMES"]
+           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM",
+           "MABN_NORM_ALSO_READ_BY", "MABN_NORM_SITES", "META_ARCHS_READING", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
@@ -20,7 +20,8 @@ MABN_NORM_SITES = {
                            ("build_mabn_resnet_backbone", "build_mabn_resnet_fpn_backbone",
                             "build_mabn_retinanet_resnet_fpn_backbone")),
     "MODEL.FPN.NORM": ("MODEL.BACKBONE.NAME",
-                       ("build_mabn_resnet_fpn_backbone", "build_mabn_retinanet_resnet_fpn_backbone")),
+                       ("build_mabn_resnet_fpn_backbone",
+                        "build_mabn_retinanet_resnet_fpn_backbone")),
     "MODEL.ROI_BOX_HEAD.NORM": ("MODEL.ROI_BOX_HEAD.NAME", ("MABNFastRCNNConvFCHead",)),
     "MODEL.ROI_MASK_HEAD.NORM": ("MODEL.ROI_MASK_HEAD.NAME", ("MABNMaskRCNNConvUpsampleHead",)),
     "MODEL.RETINANET.NORM": ("MODEL.META_ARCHITECTURE", ("MABNRetinaNet",)),
@@ -38,7 +39,8 @@ META_ARCHS_READING = {
 # norm key -> (name key, stock name, the meta-architectures that build that module).
 # Res5ROIHeads (Detectron2's default ROI_HEADS.NAME) builds res5 from MODEL.RESNETS.NORM.
 MABN_NORM_ALSO_READ_BY = {
-    "MODEL.RESNETS.NORM": ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("GeneralizedRCNN", "PanopticFPN")),
+    "MODEL.RESNETS.NORM": ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads",
+                           ("GeneralizedRCNN", "PanopticFPN")),
 }
 
 # The stock Detectron2 module each of our registered names extends.

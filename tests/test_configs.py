@@ -30,7 +30,8 @@ def test_config_builds(path):
     # box and mask heads keep their full width).
     cfg = make_cfg(path, opts=["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
                                "MODEL.RESNETS.STRIDE_IN_1X1", "False",
-                               "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "TEST.DETECTIONS_PER_IMAGE", "5"])
+                               "MODEL.RPN.POST_NMS_TOPK_TEST", "20",
+                               "TEST.DETECTIONS_PER_IMAGE", "5"])
     model = build_model(cfg)
     uses_mabn = "MABN" in (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM)
     assert any(isinstance(m, MABN2d) for m in model.modules()) == uses_mabn

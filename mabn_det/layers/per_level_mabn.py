@@ -57,8 +57,8 @@ class PerLevelMABN2d(nn.Module):
 
     @classmethod
     def replace_cycle_batch_norms(cls, module: nn.Module, **mabn_kwargs) -> nn.Module:
-        """Replace, in place, every `CycleBatchNormList` in `module` with a new PerLevelMABN2d of the
-        same number of levels and channels (γ = 1, β = 0 and empty statistics, as when built).
+        """Replace, in place, every `CycleBatchNormList` in `module` with a new PerLevelMABN2d of
+        the same number of levels and channels (γ = 1, β = 0 and empty statistics, as when built).
 
         This is how an MABN RetinaNet head is built: Detectron2's RetinaNetHead builds per-level BN
         for NORM "BN", and its subnets hold those norms only as children of an nn.Sequential.

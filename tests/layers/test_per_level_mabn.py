@@ -1,4 +1,4 @@
-"""PerLevelMABN2d: per-level MABN statistics with one γ and β, its conversions and its centred convs."""
+"""PerLevelMABN2d: per-level MABN statistics with one γ and β, conversions, centred convs."""
 import torch
 from detectron2.layers import Conv2d, CycleBatchNormList
 from torch import nn
@@ -56,7 +56,7 @@ def test_inference_form_is_detectron2s_per_level_bn():
     converted = convert_to_inference_form(holder)
     cycle = converted[0]
     assert type(cycle) is CycleBatchNormList and not cycle.training
-    # Stock Detectron2 builds it with BatchNorm2d's default ε, so the state dict must carry the rest.
+    # Stock Detectron2 builds it with BatchNorm2d's default ε: the state dict must carry the rest.
     stock = CycleBatchNormList(length=3, bn_class=nn.BatchNorm2d, num_features=4).eval()
     stock.load_state_dict(cycle.state_dict())
     with torch.no_grad():

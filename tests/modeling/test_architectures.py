@@ -38,7 +38,8 @@ SMALL = [
     "MODEL.MABN.RENORM_WARMUP_ITERS", "1",  # the second step renormalises (r ≠ 1)
 ]
 FPN_ANCHORS = ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]"]
-OTHER_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d, CycleBatchNormList)
+OTHER_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d,
+               CycleBatchNormList)
 
 
 def _small_cfg(config, *opts):
@@ -120,7 +121,8 @@ def test_retinanet_exports_to_stock_detectron2(tmp_path, batch_with_empty_image)
 
     stock_cfg = get_cfg()  # Detectron2's own keys only: the export needs nothing from mabn_det
     stock_cfg.merge_from_file(config)
-    assert stock_cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and stock_cfg.MODEL.RETINANET.NORM == "BN"
+    assert stock_cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert stock_cfg.MODEL.RETINANET.NORM == "BN"
     stock = build_model(stock_cfg).eval()
     DetectionCheckpointer(stock).load(stock_cfg.MODEL.WEIGHTS)
     image = {k: batch_with_empty_image[0][k] for k in ("image", "height", "width")}
@@ -208,7 +210,7 @@ def test_impossible_combinations_are_refused_naming_the_key(config, opts, messag
 
 
 def test_mabn_in_a_norm_the_meta_architecture_does_not_read_is_ignored():
-    """As Detectron2 ignores them: a Mask R-CNN may set every NORM, RetinaNet's included, to "MABN"."""
+    """As Detectron2 ignores them: a Mask R-CNN may set every NORM, RetinaNet's too, to "MABN"."""
     model = build_model(make_cfg(opts=["MODEL.RETINANET.NORM", "MABN",
                                        "MODEL.SEM_SEG_HEAD.NORM", "MABN"]))
     _assert_only_centred_mabn(model)
