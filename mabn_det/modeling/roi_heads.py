@@ -54,8 +54,8 @@ class MABNMaskRCNNConvUpsampleHead(MABNHeadMixin, MaskRCNNConvUpsampleHead):
 class MABNRes5ROIHeads(Res5ROIHeads):
     """`Res5ROIHeads` (C4 models) whose res5 stage reads `MODEL.RESNETS.NORM` allowing "MABN".
 
-    res5 runs on the pooled RoIs, so its MABN statistics are over RoIs
-    (ROI_HEADS.BATCH_SIZE_PER_IMAGE × images) in training and over the proposals at inference.
+    res5 runs on the pooled RoIs, so its MABN statistics are over the sampled RoIs
+    (ROI_HEADS.BATCH_SIZE_PER_IMAGE × images), while res2-res4 in the backbone see images.
     """
 
     @classmethod
