@@ -71,12 +71,12 @@ def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Mod
         CentredConv2d.convert_convs_before_mabn(model)
     for name, m in model.named_modules():
         if isinstance(m, MABN2d) and not m.weight.requires_grad:
-            raise ValueError(f"MABN layer '{name}' is frozen, and MABN layers cannot be frozen: set "
-                             "the backbone's freeze_at to 0 (e.g. "
+            raise ValueError(f"MABN layer '{name}' is frozen, and MABN layers cannot be "
+                             "frozen: set the backbone's freeze_at to 0 (e.g. "
                              "model.backbone.bottom_up.freeze_at=0)")
         if (centred_conv and isinstance(getattr(m, "norm", None), MABN2d)
                 and not isinstance(m, CentredConv2d)):
-            raise ValueError(f"'{name}' ({type(m).__name__}) feeds MABN but cannot be weight-centred "
-                             f"as {CentredConv2d.__name__}; use another norm there (a "
-                             "deformable conv: set its stage's deform settings off)")
+            raise ValueError(f"'{name}' ({type(m).__name__}) feeds MABN but cannot be "
+                             f"weight-centred as {CentredConv2d.__name__}; use another norm there "
+                             "(a deformable conv: set its stage's deform settings off)")
     return model

@@ -124,6 +124,7 @@ def tiny_lazy_config(path, num_classes=2, size=64):
     heads.mask_head.conv_dims = [32] * 5
     cfg.mabn.update(buffer_size=2, warmup_iters=0, renorm_warmup_iters=3)
     cfg.train.update(device="cpu", amp=dict(enabled=False), mabn_log_period=1, seed=7)
-    cfg.dataloader.train.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)]
-    cfg.dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)]
+    resize = L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)
+    cfg.dataloader.train.mapper.augmentations = [resize]
+    cfg.dataloader.test.mapper.augmentations = [resize]
     return cfg

@@ -17,7 +17,7 @@ from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.engine.defaults import create_ddp_model
 
-from mabn_det.engine import LazyTrainer
+from mabn_det.engine import LazyTrainer, update_mabn_stats
 
 
 def do_test(cfg, model):
@@ -40,6 +40,10 @@ def main(args: argparse.Namespace):
     if args.eval_only:
         model = create_ddp_model(LazyTrainer.build_model(cfg))
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        precise = cfg.train.get("precise_bn", {})
+        if precise.get("enabled", False):
+            # Re-estimate the MABN statistics of the checkpoint on training batches first.
+            update_mabn_stats(model, LazyTrainer.build_precise_bn_loader(cfg), precise.num_iter)
         return do_test(cfg, model)
     return do_train(args, cfg)
 

@@ -18,7 +18,7 @@ __all__ = ["LazyTrainer"]
 
 
 def _callable(target):
-    """A LazyConfig ``_target_``: the callable itself, or its dotted name once saved and reloaded."""
+    """A LazyConfig ``_target_``: the callable, or its dotted name once saved and reloaded."""
     return locate(target) if isinstance(target, str) else target
 
 
@@ -58,8 +58,9 @@ class LazyTrainer(Trainer):
             raise ValueError(f"train.grad_accumulation_steps must be ≥ 1 and divide "
                              f"dataloader.train.total_batch_size ({batch}), got {steps}")
         if steps > 1 and train.amp.enabled:
-            raise ValueError("train.grad_accumulation_steps > 1 does not support train.amp.enabled; "
-                             f"set one of them back (got accumulation {steps} with AMP)")
+            raise ValueError("train.grad_accumulation_steps > 1 does not support "
+                             "train.amp.enabled; set one of them back (got accumulation "
+                             f"{steps} with AMP)")
         seed = train.get("seed", -1)
         return TrainingSettings(
             output_dir=train.output_dir, weights=train.init_checkpoint, max_iter=train.max_iter,
@@ -110,14 +111,15 @@ class LazyTrainer(Trainer):
             hooks.PeriodicWriter(default_writers(train.output_dir, self.max_iter),
                                  period=train.log_period) if main else None,
         ]
-        precise = None
-        if train.get("precise_bn", {}).get("enabled", False):
-            # A separate loader without workers, as Detectron2 builds for its PreciseBN.
-            cfg = copy.deepcopy(self.cfg)
-            cfg.dataloader.train.num_workers = 0
-            precise = (train.eval_period, lambda: self.build_train_loader(cfg),
-                       train.precise_bn.num_iter)
-        return self.with_mabn_hooks(ret, precise)
+        precise = train.get("precise_bn", {})
+        return self.with_mabn_hooks(
+            ret, (train.eval_period, precise.num_iter) if precise.get("enabled", False) else None)
+
+    @classmethod
+    def build_precise_bn_loader(cls, cfg):
+        cfg = copy.deepcopy(cfg)
+        cfg.dataloader.train.num_workers = 0
+        return cls.build_train_loader(cfg)
 
     def _test_and_save_results(self):
         self._last_eval_results = self.test(self.cfg, self.model)

@@ -5,7 +5,7 @@ import os
 import random
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -155,23 +155,26 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
 
-    def build_hooks(self):
-        precise = None
-        if self.cfg.TEST.PRECISE_BN.ENABLED:
-            # As DefaultTrainer does for its PreciseBN: a separate loader without workers.
-            cfg = self.cfg.clone()
-            cfg.defrost()
-            cfg.DATALOADER.NUM_WORKERS = 0
-            precise = (self.cfg.TEST.EVAL_PERIOD, lambda: self.build_train_loader(cfg),
-                       self.cfg.TEST.PRECISE_BN.NUM_ITER)
-        return self.with_mabn_hooks(super().build_hooks(), precise)
+    @classmethod
+    def build_precise_bn_loader(cls, cfg: CfgNode):
+        """Training batches for PreciseBN: a loader of its own without workers, as DefaultTrainer
+        builds for its PreciseBN."""
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0
+        return cls.build_train_loader(cfg)
 
-    def with_mabn_hooks(self, ret: List[hooks.HookBase],
-                        precise_bn: Tuple[int, Callable[[], Iterable], int] | None):
+    def build_hooks(self):
+        precise = self.cfg.TEST.PRECISE_BN
+        return self.with_mabn_hooks(
+            super().build_hooks(),
+            (self.cfg.TEST.EVAL_PERIOD, precise.NUM_ITER) if precise.ENABLED else None)
+
+    def with_mabn_hooks(self, ret: List[hooks.HookBase], precise_bn: Tuple[int, int] | None):
         """`ret` with the MABN diagnostics before the PeriodicWriter (each report is then written in
-        the same iteration) and, for `precise_bn` = (period, loader factory, batches) and a model
-        with MABN2d, `PreciseMABN` after the LRScheduler (before checkpointing and evaluation, where
-        Detectron2 puts its PreciseBN)."""
+        the same iteration) and, for `precise_bn` = (period, batches) and a model with MABN2d,
+        `PreciseMABN` after the LRScheduler (before checkpointing and evaluation, where Detectron2
+        puts its PreciseBN)."""
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         if not any(isinstance(m, MABN2d) for m in model.modules()):
             return ret
@@ -182,9 +185,10 @@ class Trainer(DefaultTrainer):
                              len(ret))
             ret.insert(writer_at, diagnostics)
         if precise_bn is not None:
-            period, build_loader, num_iter = precise_bn
+            period, num_iter = precise_bn
             scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
-            ret.insert(scheduler_at + 1, PreciseMABN(period, model, build_loader(), num_iter))
+            ret.insert(scheduler_at + 1, PreciseMABN(
+                period, model, self.build_precise_bn_loader(self.cfg), num_iter))
         return ret
 
     def train(self):
