@@ -31,8 +31,10 @@ print(json.dumps({"boxes": out.pred_boxes.tensor.tolist(), "scores": out.scores.
 
 def test_converted_checkpoint_predicts_the_same_in_stock_detectron2(tmp_path):
     torch.manual_seed(0)
+    # A non-default ε: stock Detectron2 rebuilds its FrozenBN with ε = 1e-5, so the export must
+    # carry MABN's ε in the variances.
     cfg = make_cfg(opts=["MODEL.MABN.WARMUP_ITERS", "0", "MODEL.MABN.BUFFER_SIZE", "2",
-                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+                         "MODEL.MABN.EPS", "0.01", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     model = build_model(cfg)
     batch = [synthetic_image(boxes=[(8, 8, 30, 28)], seed=s) for s in range(2)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

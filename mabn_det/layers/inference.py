@@ -12,12 +12,21 @@ from .per_level_mabn import PerLevelMABN2d
 __all__ = ["convert_to_inference_form"]
 
 
+def _variance_for_default_eps(mabn: MABN2d, eps: float) -> torch.Tensor:
+    """running_var' with √(running_var' + eps) = √(running_var + mabn.eps).
+
+    Stock Detectron2 builds its norms with their default ε, so MABN's ε goes into the variance:
+    the exported model is then exact whatever `MODEL.MABN.EPS` was.
+    """
+    return mabn.running_var + (mabn.eps - eps)
+
+
 def _frozen_bn_from(mabn: MABN2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(mabn.num_features, eps=mabn.eps)
+    frozen = FrozenBatchNorm2d(mabn.num_features)
     frozen.weight.copy_(mabn.weight.detach())
     frozen.bias.copy_(mabn.bias.detach())
     frozen.running_mean.zero_()
-    frozen.running_var.copy_(mabn.running_var)
+    frozen.running_var.copy_(_variance_for_default_eps(mabn, frozen.eps))
     return frozen.to(mabn.weight.device)
 
 
@@ -32,9 +41,7 @@ def _cycle_batch_norm_from(per_level: PerLevelMABN2d) -> CycleBatchNormList:
     cycle.bias.copy_(per_level.bias.detach())
     for bn, mabn in zip(cycle, per_level.levels):
         bn.running_mean.zero_()
-        # Stock Detectron2 builds these BatchNorm2d with their default ε; MABN's ε goes into the
-        # variance so that √(running_var + ε) is unchanged.
-        bn.running_var.copy_(mabn.running_var + (mabn.eps - bn.eps))
+        bn.running_var.copy_(_variance_for_default_eps(mabn, bn.eps))
     return cycle.to(first.weight.device).train(per_level.training)
 
 
