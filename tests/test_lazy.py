@@ -1,5 +1,6 @@
 """MABN in LazyConfig recipes: every norm asked for is an MABN2d after a centred conv, a training
 step with an empty image works, and tools/lazyconfig_train_net.py trains, resumes and evaluates."""
+import logging
 import os
 
 import pytest
@@ -98,12 +99,16 @@ def _run(config, *opts):
     return lazyconfig_train_net.main(args)
 
 
-def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path):
+def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path, caplog):
+    """With PreciseBN for MABN before the final evaluation."""
+    caplog.set_level(logging.INFO, logger="mabn_det")
     register_coco_instances("tiny_lazy", {}, *tiny_coco)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    common = dict(max_iter=3, eval_period=0, log_period=1, checkpointer=dict(period=2))
+    common = dict(max_iter=3, eval_period=0, log_period=1, checkpointer=dict(period=2),
+                  precise_bn=dict(enabled=True, num_iter=1))
     results = _run(_write_config(tmp_path, "tiny_lazy", output_dir=straight, **common))
     assert "bbox" in results and "segm" in results  # COCO AP, after the last iteration
+    assert "Running PreciseBN for MABN over 1 batches" in caplog.text
 
     # Stop after 2 iterations: a fresh directory holding only the checkpoint of iteration 2.
     os.makedirs(resumed)

@@ -121,6 +121,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def training_settings(cls, cfg: CfgNode) -> TrainingSettings:
+        """The settings that `cfg` (a YAML config with `cfg.MODEL.MABN`) gives the Trainer."""
         return TrainingSettings(
             output_dir=cfg.OUTPUT_DIR, weights=cfg.MODEL.WEIGHTS, max_iter=cfg.SOLVER.MAX_ITER,
             accumulation_steps=cfg.SOLVER.GRAD_ACCUMULATION_STEPS, amp=cfg.SOLVER.AMP.ENABLED,
