@@ -26,8 +26,8 @@ relative error of the backbone features against fp32 on held-out photographs.
 Weights are random (no trained R50 checkpoint here): every norm's statistics are calibrated on a few
 photographs first, so activations have realistic scales for the quantization error.
 
-    python benchmarks/bench_inference.py            # default: a few minutes on 2 CPU cores
-    python benchmarks/bench_inference.py --quick    # smaller images, fewer repeats
+    python benchmarks/bench_inference.py            # default: 565 s of CPU time on 2 cores
+    python benchmarks/bench_inference.py --quick    # smaller images, 3 repeats: a check, too noisy to quote
     python benchmarks/bench_inference.py --tiny     # R18 with narrow heads: a smoke run in seconds
 
 Needs `pip install -e ".[bench]"` (onnx, onnxruntime); writes OUTPUT/results.md, results.json and
@@ -164,7 +164,15 @@ def calibrate_norms(model: nn.Module, images: torch.Tensor) -> None:
 
 
 def build_variants(setting: Setting, opts: Sequence, calibration: torch.Tensor) -> Dict[str, nn.Module]:
-    """The five eval-mode models, same architecture and fixed RoI counts, norms calibrated."""
+    """The five eval-mode models: same architecture, `setting`'s RoI counts, norms calibrated.
+
+    Args:
+        opts: KEY VALUE config overrides applied to every variant.
+        calibration: (N, 3, H, W) float BGR images in [0, 255] for `calibrate_norms`.
+
+    Returns:
+        Variant name (FOLDED, AS_FROZEN, GN, FROZEN, AS_TRAINED) → model on the CPU.
+    """
     variants = {}
     torch.manual_seed(0)
     mabn = build_model(_config("MABN", setting, opts)).eval()
@@ -388,6 +396,8 @@ def speed_table(rows: Dict[Tuple[str, str, str], float], program: str,
     head = "| variant | " + " | ".join(f"{s}, {rt}" for s, rt in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
     for v in variants:
+        if not any((program, s, rt, v) in rows for s, rt in cols):
+            continue
         cells = []
         for s, rt in cols:
             ms = rows.get((program, s, rt, v))
@@ -406,14 +416,16 @@ def plot_ratios(rows: Dict[Tuple[str, str, str, str], float], path: str) -> None
     groups = sorted({k[:3] for k in rows}, key=lambda k: list(rows).index(k + (FOLDED,)))
     variants = [v for v in (AS_FROZEN, GN, FROZEN, AS_TRAINED)
                 if any(g + (v,) in rows for g in groups)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(groups)), 4.8))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
         ys = [rows[g + (v,)] / rows[g + (FOLDED,)] if g + (v,) in rows else np.nan for g in groups]
         ax.bar(np.arange(len(groups)) + (i - (len(variants) - 1) / 2) * width, ys, width, label=v)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels([f"{p}\n{s}\n{rt}" for p, s, rt in groups], fontsize=7)
+    short = {EAGER: "eager", TORCHSCRIPT: "TS", ORT: "ORT"}
+    ax.set_xticklabels([f"{p}\n{s.replace('batch ', 'b').replace(', ', ' ')}\n{short.get(rt, rt)}"
+                        for p, s, rt in groups], fontsize=7)
     ax.set_ylabel("time / time of (a) MABN folded")
     ax.legend(fontsize=8)
     ax.set_title("Inference time relative to MABN folded into the convs (lower is faster)")
@@ -426,15 +438,21 @@ def plot_ratios(rows: Dict[Tuple[str, str, str, str], float], path: str) -> None
 # CUDA
 
 
-def cuda_timings(variants: Dict[str, nn.Module], settings: Sequence[Setting], repeats: int,
-                 calibration: torch.Tensor) -> Tuple[dict, str]:
-    """Eager fp32/fp16/bf16 on CUDA (weights cast), whole model under autocast; skips without CUDA."""
+def cuda_timings(variants: Dict[str, nn.Module], settings: Sequence[Setting],
+                 repeats: int) -> Tuple[dict, str]:
+    """Eager fp32/fp16/bf16 on CUDA (weights cast), whole model under autocast; skips without CUDA.
+
+    Returns:
+        Rows keyed (program, setting name, runtime, variant) → ms, and a line naming the device.
+    """
     if not torch.cuda.is_available():
         return {}, "CUDA: no device, skipped."
     rows = {}
     sync = torch.cuda.synchronize
     for s in settings:
-        images = batch_of(calibration, s.batch)
+        images = batch_of(photographs(CALIBRATION_PHOTOS, s.height, s.width), s.batch)
+        for model in variants.values():
+            set_counts(model, s)
         for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16),
                                   ("bf16", torch.bfloat16)):
             runtime = f"CUDA {dtype_name}"
@@ -563,7 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         quant_rows = quantization_study(variants, onnx_paths, settings[0], args, repeats)
         print(f"  quantization done ({time.perf_counter() - began:.0f} s)")
 
-    cuda_rows, cuda_note = cuda_timings(variants, settings, repeats, calibration)
+    cuda_rows, cuda_note = cuda_timings(variants, settings, repeats)
     rows.update(cuda_rows)
     elapsed = time.perf_counter() - began
     report = render(header, settings, rows, graphs, quant_rows, cuda_note, variants, elapsed,
