@@ -8,11 +8,11 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
-from detectron2.utils.visualizer import Visualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
 # A bare Figure renders to files without pyplot, so no GUI backend is chosen for the process.
 from matplotlib.figure import Figure
 
-__all__ = ["bar_chart", "read_metrics", "plot_training_curves", "save_predictions"]
+__all__ = ["MASK_RCNN_LOSSES", "bar_chart", "read_metrics", "plot_training_curves", "save_predictions"]
 
 
 def read_metrics(output_dir: str) -> List[Dict]:
@@ -26,36 +26,57 @@ def _series(records: List[Dict], key: str):
     return tuple(np.array(v) for v in zip(*points)) if points else (np.array([]), np.array([]))
 
 
-def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "") -> None:
-    """Loss and COCO AP against iteration for one or several runs.
+# The losses Detectron2's Mask R-CNN logs to metrics.json, the sum first.
+MASK_RCNN_LOSSES = ("total_loss", "loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls",
+                    "loss_rpn_loc")
+
+
+def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "",
+                         losses: Sequence[str] = ("total_loss",)) -> Figure:
+    """Losses and COCO AP against iteration for one or several runs.
 
     Args:
         runs: label → output directory holding a metrics.json.
         png_path: where to write the figure.
+        losses: metrics.json keys drawn in the loss panel, a line per run and key; keys a run
+            did not log are skipped.
+
+    Returns:
+        The figure written: axes[0] the losses, axes[1] the AP points.
     """
     fig = Figure(figsize=(11, 4))
     loss_ax, ap_ax = fig.subplots(1, 2)
     for label, output_dir in runs.items():
         records = read_metrics(output_dir)
-        line, = loss_ax.plot(*_series(records, "total_loss"), label=label, alpha=0.85)
+        lines = [loss_ax.plot(*_series(records, key), label=f"{label} {key}", alpha=0.85)[0]
+                 for key in losses if _series(records, key)[0].size]
+        colour = lines[0].get_color() if lines else None
         for key, style in (("bbox/AP", "-o"), ("segm/AP", "--s")):
             it, ap = _series(records, key)
             if len(it):
-                ap_ax.plot(it, ap, style, color=line.get_color(), label=f"{label} {key}")
-    loss_ax.set(xlabel="iteration", ylabel="total loss (median of 20 iterations)", yscale="log")
+                ap_ax.plot(it, ap, style, color=colour, label=f"{label} {key}")
+                for x, y in zip(it, ap):
+                    ap_ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                                   ha="center", fontsize=7)
+    loss_ax.set(xlabel="iteration", ylabel="loss (median of 20 iterations)", yscale="log")
     ap_ax.set(xlabel="iteration", ylabel="COCO AP (val)")
     for ax in (loss_ax, ap_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(png_path, dpi=100)
+    return fig
 
 
 def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
                      score_threshold: float = 0.3) -> List[str]:
-    """Draw the model's predictions on the first `count` images of `dataset_name`.
+    """Draw ground truth and the model's predictions side by side on the first `count` images.
+
+    Each picture has two panels of the same image: the annotated objects on the left, the
+    predictions with score ≥ `score_threshold` on the right, each labelled with its class name
+    (and score).
 
     Args:
         cfg: a config whose MODEL.WEIGHTS points at the trained model.
@@ -74,10 +95,22 @@ def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
         image = read_image(record["file_name"], format="BGR")
         with torch.no_grad():
             instances = predictor(image)["instances"].to("cpu")
-        # Three times the size: the shapes images are small.
-        drawn = Visualizer(image[:, :, ::-1], metadata, scale=3.0).draw_instance_predictions(instances)
+        # Four times the size: the shapes images are small. SEGMENTATION mode gives each class
+        # one colour in both panels, so a class mix-up shows as a colour change.
+        panels = [Visualizer(image[:, :, ::-1], metadata, scale=4.0,
+                             instance_mode=ColorMode.SEGMENTATION) for _ in range(2)]
+        truth = panels[0].draw_dataset_dict(record).get_image()
+        predicted = panels[1].draw_instance_predictions(instances).get_image()
+        fig = Figure(figsize=(2 * truth.shape[1] / 100, truth.shape[0] / 100 + 0.4))
+        for ax, panel, heading in zip(
+                fig.subplots(1, 2), (truth, predicted),
+                ("ground truth", f"prediction (score ≥ {score_threshold:g})")):
+            ax.imshow(panel)
+            ax.set_title(heading, fontsize=10)
+            ax.axis("off")
+        fig.tight_layout(pad=0.3)
         path = os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
-        drawn.save(path)
+        fig.savefig(path, dpi=100)
         paths.append(path)
     return paths
 

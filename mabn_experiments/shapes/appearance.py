@@ -70,7 +70,16 @@ def _flat_fill(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 def _gradient_fill(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Linear blend between two random colours along a random direction."""
-    start, end = random_colour(rng), random_colour(rng)
+    return linear_gradient(rng, random_colour(rng), random_colour(rng), height, width)
+
+
+def linear_gradient(rng: np.random.Generator, start: np.ndarray, end: np.ndarray, height: int,
+                    width: int) -> np.ndarray:
+    """Linear blend from colour `start` to colour `end` (each float (3,)) along a random direction.
+
+    Returns:
+        float32 array (height, width, 3).
+    """
     angle = rng.uniform(0.0, 2.0 * np.pi)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
     position = cols * np.float32(np.cos(angle)) + rows * np.float32(np.sin(angle))

@@ -27,10 +27,18 @@ def default_shapes_dir() -> str:
     return os.path.join(default_datasets_root(), SHAPES_DIR_NAME)
 
 
+# Drawing colour (RGB 0-255) of each class in Detectron2's Visualizer (ColorMode.SEGMENTATION),
+# in SHAPE_CLASS_NAMES order; chosen away from the demo style's red, green and blue fills.
+SHAPE_CLASS_DRAWING_COLOURS = ((255, 200, 0), (230, 0, 230), (0, 220, 230), (255, 120, 0),
+                               (240, 240, 240), (120, 60, 255))
+
+
 def shapes_metadata() -> dict:
-    """Metadata common to every shapes split; matches what Detectron2 derives from the json."""
+    """Metadata common to every shapes split; matches what Detectron2 derives from the json, plus
+    the classes' drawing colours."""
     return {
         "thing_classes": list(SHAPE_CLASS_NAMES),
+        "thing_colors": [list(colour) for colour in SHAPE_CLASS_DRAWING_COLOURS],
         "thing_dataset_id_to_contiguous_id": {
             index + 1: index for index in range(len(SHAPE_CLASS_NAMES))
         },

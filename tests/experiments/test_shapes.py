@@ -204,6 +204,7 @@ def test_metadata_is_known_before_the_dataset_exists(tmp_path):
     assert register_shapes_split(name, tmp_path / "not_generated_yet", "train")
     metadata = MetadataCatalog.get(name)
     assert metadata.thing_classes == list(SHAPE_CLASS_NAMES)
+    assert len(metadata.thing_colors) == len(SHAPE_CLASS_NAMES)
     assert metadata.evaluator_type == "coco"
     dataset_dir = tmp_path / "not_generated_yet"
     assert metadata.json_file == str(dataset_dir / "annotations" / "instances_train.json")
@@ -268,3 +269,37 @@ def test_style_is_recorded_in_the_manifest(tmp_path):
     assert not shapes_dataset_exists(tmp_path, style="standard")
     with pytest.raises(ValueError, match="style must be one of"):
         generate_shapes_dataset(tmp_path, 2, 1, 64, style="hard")
+
+
+def test_demo_style_draws_three_colour_coded_classes_on_grey():
+    from mabn_experiments.shapes.scenes import CLASS_COLOURS, CLASS_COLOUR_JITTER
+
+    style = SCENE_STYLES["demo"]
+    seen = set()
+    for index in range(30):
+        image, instances = render_shapes_image(image_rng(5, "train", index), 96, style)
+        assert 1 <= len(instances) <= style.max_objects
+        covered = np.zeros(image.shape[:2], dtype=bool)
+        for instance in instances:
+            assert 1 <= instance.category_id <= 3
+            seen.add(instance.category_id)
+            # Away from the anti-aliased edge, an object has its class's colour (± jitter).
+            inner = ndimage.binary_erosion(instance.mask, iterations=2)
+            if inner.any():
+                mean = image[inner].mean(axis=0) / 255.0
+                expected = np.array(CLASS_COLOURS[instance.category_id - 1])
+                assert np.abs(mean - expected).max() <= CLASS_COLOUR_JITTER + 0.01
+            covered |= instance.mask
+        # The background is grey: equal channels.
+        background = image[~ndimage.binary_dilation(covered, iterations=2)].astype(int)
+        assert np.abs(background - background[:, :1]).max() <= 1
+    assert seen == {1, 2, 3}
+
+
+def test_style_rejects_more_classes_than_there_are():
+    from mabn_experiments.shapes.scenes import SceneStyle
+
+    with pytest.raises(ValueError, match=r"num_classes must be in \[1, 6\], got 7"):
+        SceneStyle(num_classes=7)
+    with pytest.raises(ValueError, match="colour_coded needs num_classes ≤ 3"):
+        SceneStyle(num_classes=4, colour_coded=True)
