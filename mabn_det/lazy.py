@@ -51,7 +51,7 @@ def mabn_norm(*, buffer_size: int = 16, warmup_iters: int = 100, renorm_warmup_i
 def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Module:
     """The step after `instantiate(cfg.model)`: centre the convs before MABN, then check the model.
 
-    Every Detectron2 `Conv2d` whose ``norm`` is an MABN2d becomes a CentredConv2d in place (see
+    Every conv that feeds an MABN layer becomes a CentredConv2d in place (see
     `CentredConv2d.convert_convs_before_mabn`). A model without MABN2d is returned unchanged.
 
     Args:
