@@ -23,16 +23,17 @@ refuses what cannot train.
 import functools
 from typing import Callable
 
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
-from .layers import CentredConv2d, MABN2d, check_mabn_hyperparameters
+from .layers import CentredConv2d, MABN2d, PerLevelMABN2d, check_mabn_hyperparameters
 
 __all__ = ["mabn_norm", "prepare_mabn_model"]
 
 
 def mabn_norm(*, buffer_size: int = 16, warmup_iters: int = 100, renorm_warmup_iters: int = 1000,
               renorm_clip: float = 5.0, momentum: float = 0.02,
-              eps: float = 1e-5) -> Callable[[int], MABN2d]:
+              eps: float = 1e-5, kernel: str = "auto") -> Callable[[int], MABN2d]:
     """A norm factory for LazyConfig ``norm=`` / ``conv_norm=`` fields: channels → MABN2d.
 
     The arguments are MABN2d's (the defaults are the paper's detection settings, as in
@@ -43,7 +44,7 @@ def mabn_norm(*, buffer_size: int = 16, warmup_iters: int = 100, renorm_warmup_i
     """
     kwargs = dict(buffer_size=buffer_size, warmup_iters=warmup_iters,
                   renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip,
-                  momentum=momentum, eps=eps)
+                  momentum=momentum, eps=eps, kernel=kernel)
     check_mabn_hyperparameters(**kwargs, name_of=lambda arg: f"mabn_norm({arg}=...)")
     return functools.partial(MABN2d, **kwargs)
 
@@ -63,10 +64,14 @@ def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Mod
         `model`.
 
     Raises:
-        ValueError: an MABN2d that is frozen (its stage has ``freeze_at`` > 0), or, with
+        ValueError: an MABN2d that is frozen (its stage has ``freeze_at`` > 0); with
             `centred_conv`, one that is the ``norm`` of a conv that cannot be centred (a deformable
-            conv), naming the module.
+            conv); or one that a RetinaNet head would share across its FPN levels. Each names the
+            module.
     """
+    for head_name, head in model.named_modules():
+        if isinstance(head, RetinaNetHead):
+            _refuse_level_shared_mabn(head_name, head)
     if centred_conv:
         CentredConv2d.convert_convs_before_mabn(model)
     for name, m in model.named_modules():
@@ -80,3 +85,17 @@ def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Mod
                              f"weight-centred as {CentredConv2d.__name__}; use another norm there "
                              "(a deformable conv: set its stage's deform settings off)")
     return model
+
+
+def _refuse_level_shared_mabn(head_name: str, head: RetinaNetHead) -> None:
+    """RetinaNet runs one head on every FPN level, so an MABN2d there would mix the levels'
+    statistics in one ring; its norms must be per-level (PerLevelMABN2d)."""
+    per_level = {id(m) for p in head.modules() if isinstance(p, PerLevelMABN2d)
+                 for m in p.modules()}
+    for name, m in head.named_modules():
+        if isinstance(m, MABN2d) and id(m) not in per_level:
+            raise ValueError(
+                f"MABN layer '{head_name}.{name}' would be shared by all FPN levels of the RetinaNet "
+                "head; write model.head.norm = \"BN\" and, after instantiate, call "
+                "PerLevelMABN2d.replace_cycle_batch_norms(model.head, **mabn_settings) before "
+                "prepare_mabn_model, so that each level has its own statistics")

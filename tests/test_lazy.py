@@ -7,11 +7,12 @@ import pytest
 import torch
 from detectron2.config import instantiate
 from detectron2.data.datasets import register_coco_instances
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
 from mabn_det.engine import LazyTrainer
-from mabn_det.layers import CentredConv2d, MABN2d
+from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
 from mabn_det.lazy import mabn_norm, prepare_mabn_model
 from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
 
@@ -58,6 +59,23 @@ def test_prepare_refuses_frozen_mabn_and_uncentrable_convs():
         prepare_mabn_model(torch.nn.Sequential(DeformConv(4, 4, norm=MABN2d(4))))
     with pytest.raises(ValueError, match=r"buffer_size=...\) must be ≥ 1, got 0"):
         mabn_norm(buffer_size=0)
+    with pytest.raises(ValueError, match=r"kernel=...\) must be one of"):
+        mabn_norm(kernel="cuda")
+
+
+def test_prepare_refuses_a_retinanet_head_sharing_mabn_across_levels():
+    def head(norm):
+        return torch.nn.Sequential(RetinaNetHead(input_shape=[ShapeSpec(channels=8)] * 3,
+                                                 num_classes=2, num_anchors=1, conv_dims=[8],
+                                                 norm=norm))
+
+    with pytest.raises(ValueError, match=r"'0.cls_subnet.1' would be shared by all FPN levels"):
+        prepare_mabn_model(head(mabn_norm(buffer_size=2)))
+    # The documented recipe: per-level BN, replaced by per-level MABN, then prepared.
+    model = head("BN")
+    PerLevelMABN2d.replace_cycle_batch_norms(model, buffer_size=2)
+    prepare_mabn_model(model)
+    assert type(model[0].cls_subnet[0]) is CentredConv2d
 
 
 def test_lazy_trainer_decays_mabn_parameters_as_norms():
