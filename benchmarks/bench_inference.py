@@ -41,7 +41,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ def export_onnx(program: nn.Module, example: Tuple[torch.Tensor, ...], input_nam
                           dynamic_axes=dynamic, opset_version=17, dynamo=False)
 
 
-def ort_session(path: str, threads: int, optimized_path: Optional[str] = None):
+def ort_session(path: str, threads: int, optimized_path: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -481,7 +481,7 @@ def _autocast_inference(model: nn.Module, inputs: List[dict], dtype: torch.dtype
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller images, 3 repeats")
     parser.add_argument("--tiny", action="store_true",
@@ -639,7 +639,7 @@ def quantization_study(variants, onnx_paths, setting: Setting, args, repeats: in
 
 
 def render(header, settings, rows, graphs, quant_rows, cuda_note, variants, elapsed, sizes) -> str:
-    lines = [f"# Inference benchmark: MABN or GN?", "", header, "",
+    lines = ["# Inference benchmark: MABN or GN?", "", header, "",
              "Settings: " + "; ".join(s.describe() for s in settings) + ".", ""]
     runtimes = [EAGER, TORCHSCRIPT, ORT] + sorted({k[2] for k in rows if k[2].startswith("CUDA")})
     for program in ("backbone+FPN", "heads", "whole model"):

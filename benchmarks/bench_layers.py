@@ -128,7 +128,7 @@ def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channel
 def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
           formats: List[bool], repeats: int, kernels: List[str]) -> str:
     names = list(_layers(32, kernels))
-    lines = [f"| shape | dtype | layout | BatchNorm2d (ms) | "
+    lines = ["| shape | dtype | layout | BatchNorm2d (ms) | "
              + " | ".join(f"{n} / BN" for n in names[1:]) + " |",
              "|---" * (4 + len(names) - 1) + "|"]
     for label, shape in shapes.items():

@@ -1,5 +1,5 @@
 """The optimizer: Detectron2's, with MABN2d parameters treated as norm parameters."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from detectron2.config import CfgNode
@@ -14,8 +14,8 @@ from .layers import MABN2d
 __all__ = ["build_mabn_optimizer", "mabn_aware_param_groups", "mabn_optimizer_params"]
 
 
-def mabn_optimizer_params(model: torch.nn.Module, *, weight_decay_norm: Optional[float] = None,
-                          weight_decay_bias: Optional[float] = None,
+def mabn_optimizer_params(model: torch.nn.Module, *, weight_decay_norm: float | None = None,
+                          weight_decay_bias: float | None = None,
                           **kwargs) -> List[Dict[str, Any]]:
     """Detectron2's `get_default_optimizer_params`, with MABN2d's γ and β treated as norm parameters.
 

@@ -9,7 +9,7 @@ Everything is computed with tensor ops on the layer's own buffers: no `.item()`,
 tensor value, so a training step never waits for the device.
 """
 import os
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +215,7 @@ class MABN2d(nn.Module):
         self.register_buffer("skipped_backward_stats", torch.zeros((), dtype=torch.long))
         self.register_buffer("_zero_mean", torch.zeros(num_features), persistent=False)
         # The last training step's r, (C,), kept by reference for diagnostics; not state.
-        self.last_renorm: Optional[torch.Tensor] = None
+        self.last_renorm: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (N, C, H, W). Returns: (N, C, H, W), x's dtype."""

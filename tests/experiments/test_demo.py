@@ -1,6 +1,5 @@
 """`make demo` end to end at toy size: data generation, training, evaluation, pictures."""
 import json
-import os
 
 import pytest
 from PIL import Image

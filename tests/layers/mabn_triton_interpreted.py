@@ -11,7 +11,6 @@ compares y, dx, dγ, dβ and every buffer after every step.
 """
 import json
 import math
-import os
 import sys
 import time
 
