@@ -6,6 +6,7 @@ import os
 import numpy as np
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from mabn_det.config import load_config
@@ -128,3 +129,18 @@ def tiny_lazy_config(path, num_classes=2, size=64):
     cfg.dataloader.train.mapper.augmentations = [resize]
     cfg.dataloader.test.mapper.augmentations = [resize]
     return cfg
+
+
+def train_checking_finite(model, batch, steps):
+    """`steps` SGD steps of `model` on `batch`; every loss and, at the end, every buffer is finite."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with EventStorage():
+        for _ in range(steps):
+            losses = model(batch)
+            total = sum(losses.values())
+            assert torch.isfinite(total), losses
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+    for name, buf in model.named_buffers():
+        assert torch.isfinite(buf.float()).all(), name

@@ -12,7 +12,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_det.config import stock_inference_config
@@ -20,7 +19,7 @@ from mabn_det.deploy import export_for_stock_detectron2
 from mabn_det.engine.hooks import MABNDiagnostics
 from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d, convert_to_inference_form
 from mabn_det.solver import mabn_aware_param_groups
-from tests.common import REPO, make_cfg
+from tests.common import REPO, make_cfg, train_checking_finite
 
 STEPS = 2
 SMALL = [
@@ -68,17 +67,7 @@ def _assert_only_centred_mabn(model):
 
 def _train(model, batch, steps=STEPS):
     torch.manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    with EventStorage():
-        for _ in range(steps):
-            losses = model(batch)
-            total = sum(losses.values())
-            assert torch.isfinite(total), losses
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-    for name, buf in model.named_buffers():
-        assert torch.isfinite(buf.float()).all(), name
+    train_checking_finite(model, batch, steps)
 
 
 def _assert_steps(module, steps=STEPS):
