@@ -33,7 +33,8 @@ setup(
         # Natural photographs used as backgrounds of the synthetic shapes set.
         "scikit-image",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "onnx"],
+    # onnxruntime in "test" too: the smoke test of bench_inference.py would otherwise skip in CI.
+    extras_require={"test": ["pytest", "pytest-timeout", "onnx", "onnxruntime"],
                     # benchmarks/bench_inference.py
                     "bench": ["onnx", "onnxruntime"]},
 )
