@@ -23,8 +23,10 @@ import zipfile
 
 PACKAGE = "sal-detectron2==0.7.2"
 SHA256 = "491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561"
-# detectron2.model_zoo imports pkg_resources (removed in setuptools 81); the wheel requires numpy<2.
-RUNTIME_PINS = ["setuptools<81", "numpy<2", "wheel"]
+# detectron2.model_zoo imports pkg_resources (removed in setuptools 81); the wheel requires numpy<2;
+# detectron2.data.transforms imports cv2, which no Detectron2 build declares (installed here, with
+# Detectron2, so that an environment's own OpenCV build is never paired with a second one).
+RUNTIME_PINS = ["setuptools<81", "numpy<2", "wheel", "opencv-python-headless"]
 
 
 def pip(*args: str) -> None:
