@@ -1,16 +1,18 @@
 """`cfg.MODEL.MABN`, the checks that make a config with NORM: "MABN" safe to build, and the
 resolution of the string "MABN" into a layer factory that Detectron2's constructors accept."""
+import dataclasses
 import functools
 from typing import Iterator, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .layers import MABN2d, check_mabn_hyperparameters
+from .layers import MABN2d, MABNSettings
 
-__all__ = ["add_mabn_config", "check_mabn_config", "get_key", "load_config", "mabn_layer_kwargs",
-           "set_key", "stock_inference_config", "with_mabn_norms", "MABN_NORM",
-           "MABN_NORM_ALSO_READ_BY", "MABN_NORM_SITES", "META_ARCHS_READING", "STOCK_NAMES"]
+__all__ = ["add_mabn_config", "check_grad_accumulation", "check_mabn_config", "get_key",
+           "load_config", "mabn_settings", "set_key", "stock_inference_config", "with_mabn_norms",
+           "MABN_NORM", "MABN_NORM_ALSO_READ_BY", "MABN_NORM_SITES", "META_ARCHS_READING",
+           "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
 
@@ -64,23 +66,10 @@ _STOCK_INFERENCE_NORMS = {"MODEL.RETINANET.NORM": "BN"}
 def add_mabn_config(cfg: CN) -> None:
     """Add `cfg.MODEL.MABN` (the paper's detection settings) and `cfg.SOLVER.GRAD_ACCUMULATION_STEPS`."""
     cfg.MODEL.MABN = CN()
-    # m: steps averaged by both moving averages (χ forward, ψ backward). With 2 images per GPU,
-    # 16 gives statistics over 32 images.
-    cfg.MODEL.MABN.BUFFER_SIZE = 16
-    # Steps that normalise with the current batch's χ and ψ before averaging starts.
-    cfg.MODEL.MABN.WARMUP_ITERS = 100
-    # Steps before batch renormalisation (r ≠ 1) starts; r = 1 up to max(this, WARMUP_ITERS).
-    cfg.MODEL.MABN.RENORM_WARMUP_ITERS = 1000
-    # r = √(s²+ε)/√(running_var+ε) is clipped to [1/RENORM_CLIP, RENORM_CLIP]; must be ≥ 1.
-    cfg.MODEL.MABN.RENORM_CLIP = 5.0
-    # PyTorch convention: running_var ← (1 − MOMENTUM)·running_var + MOMENTUM·s²; in (0, 1].
-    cfg.MODEL.MABN.MOMENTUM = 0.02
-    # Added to the second moment before the square root; > 0.
-    cfg.MODEL.MABN.EPS = 1e-5
-    # How a training step is computed: "torch" (PyTorch ops, the reference), "triton" (four fused
-    # kernels per layer-step for CUDA tensors; opt-in until its CUDA tests have passed on a GPU) or
-    # "auto" (today "torch" everywhere). See MABN2d's docstring.
-    cfg.MODEL.MABN.KERNEL = "auto"
+    # The layer's settings: one key per field of mabn_det.layers.MABNSettings (BUFFER_SIZE is
+    # buffer_size, ...) with its default; its docstring says what each means and allows.
+    for field in dataclasses.fields(MABNSettings):
+        cfg.MODEL.MABN[field.name.upper()] = field.default
     # Make every conv that feeds an MABN layer a CentredConv2d, whose filters have mean 0 (needed:
     # MABN drops the mean subtraction).
     cfg.MODEL.MABN.CENTRED_CONV = True
@@ -127,18 +116,39 @@ def _norm_keys(node: CN, prefix: str = "") -> Iterator[Tuple[str, object]]:
             yield prefix + key, value
 
 
-def mabn_layer_kwargs(cfg: CN) -> dict:
-    """The MABN2d keyword arguments in `cfg.MODEL.MABN`, validated.
+def mabn_settings(cfg: CN) -> MABNSettings:
+    """The MABN2d settings in `cfg.MODEL.MABN`.
 
     Raises:
-        ValueError: naming the `cfg.MODEL.MABN` key and its bad value.
+        TypeError, ValueError: naming the `cfg.MODEL.MABN` key and its bad value.
     """
-    c = cfg.MODEL.MABN
-    kwargs = dict(buffer_size=c.BUFFER_SIZE, warmup_iters=c.WARMUP_ITERS,
-                  renorm_warmup_iters=c.RENORM_WARMUP_ITERS, renorm_clip=c.RENORM_CLIP,
-                  momentum=c.MOMENTUM, eps=c.EPS, kernel=c.KERNEL)
-    check_mabn_hyperparameters(**kwargs, name_of=lambda arg: f"cfg.MODEL.MABN.{arg.upper()}")
-    return kwargs
+    values = {field.name: cfg.MODEL.MABN[field.name.upper()]
+              for field in dataclasses.fields(MABNSettings)}
+    return MABNSettings.from_user(lambda field: f"cfg.MODEL.MABN.{field.upper()}", **values)
+
+
+def check_grad_accumulation(steps: Tuple[str, int], images_per_step: Tuple[str, int],
+                            amp: Tuple[str, bool]) -> None:
+    """Refuse a gradient accumulation that cannot work, naming the keys as the config wrote them.
+
+    Each argument is (the key as the user wrote it, its value), e.g.
+    ``steps=("cfg.SOLVER.GRAD_ACCUMULATION_STEPS", 2)`` or ``("train.grad_accumulation_steps", 2)``.
+
+    Args:
+        steps: micro-batches per optimizer step; must be ≥ 1 and divide `images_per_step`.
+        images_per_step: images per optimizer step, all processes together.
+        amp: whether AMP is on; accumulation does not support it (its trainer,
+            `mabn_det.engine.GradientAccumulationTrainer`, has no gradient scaler).
+
+    Raises:
+        ValueError: naming the offending key, its value and what to set instead.
+    """
+    (steps_key, n), (batch_key, batch), (amp_key, amp_on) = steps, images_per_step, amp
+    if n < 1 or batch % n:
+        raise ValueError(f"{steps_key} must be ≥ 1 and divide {batch_key} ({batch}), got {n}")
+    if n > 1 and amp_on:
+        raise ValueError(f"{steps_key} > 1 does not support {amp_key}; set one of them back "
+                         f"(got accumulation {n} with AMP)")
 
 
 def check_mabn_config(cfg: CN) -> None:
@@ -150,17 +160,13 @@ def check_mabn_config(cfg: CN) -> None:
     if "MABN" not in cfg.MODEL:
         raise ValueError("cfg has no MODEL.MABN: call mabn_det.add_mabn_config(cfg) before "
                          "merging a config file")
-    mabn_layer_kwargs(cfg)
+    mabn_settings(cfg)
     if cfg.MODEL.MABN.LOG_PERIOD < 0:
         raise ValueError(f"cfg.MODEL.MABN.LOG_PERIOD must be ≥ 0, got {cfg.MODEL.MABN.LOG_PERIOD!r}")
-    steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
-    if steps < 1 or cfg.SOLVER.IMS_PER_BATCH % steps:
-        raise ValueError(f"cfg.SOLVER.GRAD_ACCUMULATION_STEPS must be ≥ 1 and divide "
-                         f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}), got {steps}")
-    if steps > 1 and cfg.SOLVER.AMP.ENABLED:
-        raise ValueError("cfg.SOLVER.GRAD_ACCUMULATION_STEPS > 1 does not support "
-                         "SOLVER.AMP.ENABLED; set one of them back (got accumulation "
-                         f"{steps} with AMP)")
+    check_grad_accumulation(
+        steps=("cfg.SOLVER.GRAD_ACCUMULATION_STEPS", cfg.SOLVER.GRAD_ACCUMULATION_STEPS),
+        images_per_step=("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH),
+        amp=("SOLVER.AMP.ENABLED", cfg.SOLVER.AMP.ENABLED))
 
     for key, value in _norm_keys(cfg.MODEL, "MODEL."):
         if value != MABN_NORM:
@@ -199,7 +205,7 @@ def with_mabn_norms(cfg: CN) -> CN:
     left for Detectron2 to resolve, so norms mix. `cfg` itself (and the config.yaml dumped from it)
     keeps the string.
     """
-    factory = functools.partial(MABN2d, **mabn_layer_kwargs(cfg))
+    factory = functools.partial(MABN2d, **dataclasses.asdict(mabn_settings(cfg)))
     resolved = cfg.clone()
     resolved.defrost()
     for key in MABN_NORM_SITES:

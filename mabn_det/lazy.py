@@ -20,33 +20,31 @@ node, unlike a lambda, survives `LazyConfig.save`. After `instantiate(cfg.model)
 `prepare_mabn_model` (tools/lazyconfig_train_net.py does): it centres the convs that feed MABN and
 refuses what cannot train.
 """
+import dataclasses
 import functools
 from typing import Callable
 
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
-from .layers import CentredConv2d, MABN2d, PerLevelMABN2d, check_mabn_hyperparameters
+from .layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
 
 __all__ = ["mabn_norm", "prepare_mabn_model"]
 
 
-def mabn_norm(*, buffer_size: int = 16, warmup_iters: int = 100, renorm_warmup_iters: int = 1000,
-              renorm_clip: float = 5.0, momentum: float = 0.02,
-              eps: float = 1e-5, kernel: str = "auto") -> Callable[[int], MABN2d]:
+def mabn_norm(**settings) -> Callable[[int], MABN2d]:
     """A norm factory for LazyConfig ``norm=`` / ``conv_norm=`` fields: channels → MABN2d.
 
-    The arguments are MABN2d's (the defaults are the paper's detection settings, as in
-    `cfg.MODEL.MABN`); they are checked here, when the config is instantiated.
+    Args:
+        **settings: fields of `mabn_det.layers.MABNSettings` (buffer_size, warmup_iters, ...);
+            those not given take its defaults, the paper's detection settings. They are checked
+            here, when the config is instantiated.
 
     Raises:
-        ValueError: naming the bad argument, its value and the valid range.
+        TypeError, ValueError: naming the bad argument, its value and the valid range.
     """
-    kwargs = dict(buffer_size=buffer_size, warmup_iters=warmup_iters,
-                  renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip,
-                  momentum=momentum, eps=eps, kernel=kernel)
-    check_mabn_hyperparameters(**kwargs, name_of=lambda arg: f"mabn_norm({arg}=...)")
-    return functools.partial(MABN2d, **kwargs)
+    checked = MABNSettings.from_user(lambda field: f"mabn_norm({field}=...)", **settings)
+    return functools.partial(MABN2d, **dataclasses.asdict(checked))
 
 
 def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Module:

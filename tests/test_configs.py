@@ -1,4 +1,6 @@
-"""Every shipped config merges after add_mabn_config and builds (at tiny sizes, on CPU)."""
+"""Every shipped config merges after add_mabn_config and builds (at tiny sizes, on CPU); MABN's
+settings have one home that the layer, the YAML keys and the LazyConfig factory share."""
+import dataclasses
 import glob
 import os
 
@@ -6,8 +8,10 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from mabn_det.config import stock_inference_config
-from mabn_det.layers import MABN2d
+from mabn_det.config import (check_grad_accumulation, load_config, mabn_settings,
+                             stock_inference_config)
+from mabn_det.layers import MABN2d, MABNSettings
+from mabn_det.lazy import mabn_norm
 from tests.common import REPO, make_cfg
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -46,3 +50,49 @@ def test_stock_inference_config_has_no_mabn_keys():
     assert stock.MODEL.RESNETS.NORM == "FrozenBN"
     assert stock.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert stock.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
+
+
+def test_layer_yaml_keys_and_lazy_factory_share_the_settings_defaults():
+    defaults = dataclasses.asdict(MABNSettings())
+    assert defaults["buffer_size"] == 16 and defaults["momentum"] == 0.02  # the paper's
+    for layer in (MABN2d(4), mabn_norm()(4)):
+        assert {name: getattr(layer, name) for name in defaults} == defaults
+    cfg = load_config()
+    assert {name: cfg.MODEL.MABN[name.upper()] for name in defaults} == defaults
+    assert mabn_settings(cfg) == MABNSettings()
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: MABN2d(4, buffer_size="16"), TypeError, "buffer_size must be an int, got '16'"),
+    (lambda: MABN2d(4, bufer_size=2), TypeError, "bufer_size is not an MABN setting; they are "
+                                                 "buffer_size, warmup_iters"),
+    (lambda: mabn_norm(momentum=0), ValueError, r"mabn_norm\(momentum=...\) must be in \(0, 1\]"),
+    (lambda: mabn_norm(buffer_size=2.5), TypeError,
+     r"mabn_norm\(buffer_size=...\) must be an int, got 2.5"),
+    (lambda: mabn_settings(load_config(opts=["MODEL.MABN.WARMUP_ITERS", "-1"])), ValueError,
+     "cfg.MODEL.MABN.WARMUP_ITERS must be ≥ 0, got -1"),
+])
+def test_settings_errors_name_the_setting_as_the_user_wrote_it(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_settings_are_frozen_and_numbers_become_floats():
+    settings = MABNSettings(renorm_clip=2, eps=1)
+    assert settings == MABNSettings(renorm_clip=2.0, eps=1.0)
+    assert isinstance(settings.renorm_clip, float) and isinstance(MABN2d(2, eps=1).eps, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.buffer_size = 8
+
+
+def test_grad_accumulation_check_names_the_keys_it_is_given():
+    lazy = dict(steps=("train.grad_accumulation_steps", 2),
+                images_per_step=("dataloader.train.total_batch_size", 4),
+                amp=("train.amp.enabled", True))
+    with pytest.raises(ValueError, match=r"^train.grad_accumulation_steps > 1 does not support "
+                                         r"train.amp.enabled; set one of them back"):
+        check_grad_accumulation(**lazy)
+    with pytest.raises(ValueError, match=r"^train.grad_accumulation_steps must be ≥ 1 and divide "
+                                         r"dataloader.train.total_batch_size \(4\), got 3"):
+        check_grad_accumulation(**{**lazy, "steps": ("train.grad_accumulation_steps", 3)})
+    check_grad_accumulation(**{**lazy, "amp": ("train.amp.enabled", False)})

@@ -10,6 +10,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
+from ..config import check_grad_accumulation
 from ..lazy import prepare_mabn_model
 from ..solver import mabn_optimizer_params
 from .trainer import Trainer, TrainingSettings, resumable_sampler
@@ -53,14 +54,11 @@ class LazyTrainer(Trainer):
         """Raises: ValueError naming the ``train`` key that cannot work with the rest."""
         train = cfg.train
         steps = train.get("grad_accumulation_steps", 1)
-        batch = cfg.dataloader.train.total_batch_size
-        if steps < 1 or batch % steps:
-            raise ValueError(f"train.grad_accumulation_steps must be ≥ 1 and divide "
-                             f"dataloader.train.total_batch_size ({batch}), got {steps}")
-        if steps > 1 and train.amp.enabled:
-            raise ValueError("train.grad_accumulation_steps > 1 does not support "
-                             "train.amp.enabled; set one of them back (got accumulation "
-                             f"{steps} with AMP)")
+        check_grad_accumulation(
+            steps=("train.grad_accumulation_steps", steps),
+            images_per_step=("dataloader.train.total_batch_size",
+                             cfg.dataloader.train.total_batch_size),
+            amp=("train.amp.enabled", train.amp.enabled))
         seed = train.get("seed", -1)
         return TrainingSettings(
             output_dir=train.output_dir, weights=train.init_checkpoint, max_iter=train.max_iter,

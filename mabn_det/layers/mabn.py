@@ -9,48 +9,19 @@ Everything is computed with tensor ops on the layer's own buffers: no `.item()`,
 tensor value, so a training step never waits for the device.
 """
 import os
-from typing import Callable, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MABN2d", "KERNELS", "check_mabn_hyperparameters"]
+from .mabn_settings import MABNSettings
 
-KERNELS = ("auto", "triton", "torch")
+__all__ = ["MABN2d"]
+
 # What kernel="auto" picks for CUDA inputs. Stays False until the CUDA tests have passed on a real
 # GPU with the Triton kernels (tests/layers/test_mabn_triton.py, test_mabn_robustness.py).
 _AUTO_PICKS_TRITON = False
-
-
-def check_mabn_hyperparameters(
-    *,
-    buffer_size: int,
-    warmup_iters: int,
-    renorm_warmup_iters: int,
-    renorm_clip: float,
-    momentum: float,
-    eps: float,
-    kernel: str = "auto",
-    name_of: Callable[[str], str] = str,
-) -> None:
-    """Raise ValueError naming the first invalid hyper-parameter.
-
-    Args:
-        name_of: maps an argument name to the name shown in the message (e.g. a config key).
-    """
-    rules = [
-        ("buffer_size", buffer_size, buffer_size >= 1, "≥ 1"),
-        ("warmup_iters", warmup_iters, warmup_iters >= 0, "≥ 0"),
-        ("renorm_warmup_iters", renorm_warmup_iters, renorm_warmup_iters >= 0, "≥ 0"),
-        ("renorm_clip", renorm_clip, renorm_clip >= 1.0, "≥ 1 (r is clipped to [1/clip, clip])"),
-        ("momentum", momentum, 0.0 < momentum <= 1.0, "in (0, 1]"),
-        ("eps", eps, eps > 0.0, "> 0"),
-        ("kernel", kernel, kernel in KERNELS, f"one of {', '.join(map(repr, KERNELS))}"),
-    ]
-    for arg, value, ok, expected in rules:
-        if not ok:
-            raise ValueError(f"{name_of(arg)} must be {expected}, got {value!r}")
 
 
 def channel_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,13 +133,9 @@ class MABN2d(nn.Module):
 
     Args:
         num_features: C, the number of channels.
-        buffer_size: m, the number of steps averaged (the paper's detection setup uses 16).
-        warmup_iters: steps that use the current batch's statistics before averaging starts.
-        renorm_warmup_iters: steps before batch renormalisation (r ≠ 1) starts.
-        renorm_clip: r is clipped to [1/renorm_clip, renorm_clip].
-        momentum: PyTorch convention, running = (1 − momentum)·running + momentum·new.
-        eps: added to the second moment before the square root.
-        kernel: how a training step is computed.
+        **settings: the fields of `MABNSettings` (buffer_size, warmup_iters, renorm_warmup_iters,
+            renorm_clip, momentum, eps, kernel); those not given take its defaults, the paper's
+            detection settings. ``kernel`` chooses how a training step is computed:
 
             - ``"torch"``: PyTorch ops (about 67 per layer-step); the reference implementation, and
               the only one for CPU tensors.
@@ -183,33 +150,30 @@ class MABN2d(nn.Module):
 
             Both paths keep the same buffers, so checkpoints move freely between them; eval mode
             is always one `F.batch_norm` call. Triton is imported only when the Triton path runs.
+
+    Raises:
+        TypeError, ValueError: a setting of the wrong type or out of range (see `MABNSettings`).
     """
 
-    def __init__(self, num_features: int, *, buffer_size: int = 16, warmup_iters: int = 100,
-                 renorm_warmup_iters: int = 1000, renorm_clip: float = 5.0,
-                 momentum: float = 0.02, eps: float = 1e-5, kernel: str = "auto"):
+    def __init__(self, num_features: int, **settings):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be ≥ 1, got {num_features!r}")
-        check_mabn_hyperparameters(
-            buffer_size=buffer_size, warmup_iters=warmup_iters,
-            renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip,
-            momentum=momentum, eps=eps, kernel=kernel,
-        )
+        checked = MABNSettings.from_user(str, **settings)
         self.num_features = num_features
-        self.buffer_size = buffer_size
-        self.warmup_iters = warmup_iters
-        self.renorm_warmup_iters = renorm_warmup_iters
-        self.renorm_clip = float(renorm_clip)
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        self.kernel = kernel
+        self.buffer_size = checked.buffer_size
+        self.warmup_iters = checked.warmup_iters
+        self.renorm_warmup_iters = checked.renorm_warmup_iters
+        self.renorm_clip = checked.renorm_clip
+        self.momentum = checked.momentum
+        self.eps = checked.eps
+        self.kernel = checked.kernel
 
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.register_buffer("chi_buffer", torch.zeros(buffer_size, num_features))
-        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("chi_buffer", torch.zeros(self.buffer_size, num_features))
+        self.register_buffer("psi_buffer", torch.zeros(self.buffer_size, num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("skipped_forward_stats", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_backward_stats", torch.zeros((), dtype=torch.long))
@@ -244,10 +208,7 @@ class MABN2d(nn.Module):
 
     @kernel.setter
     def kernel(self, value: str) -> None:
-        if value not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, "
-                             f"got {value!r}")
-        self._kernel = value
+        self._kernel = MABNSettings(kernel=value).kernel
 
     def _uses_triton(self, x: torch.Tensor) -> bool:
         """Whether this training step runs the Triton kernels (decided from metadata alone)."""

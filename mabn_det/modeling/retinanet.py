@@ -1,10 +1,11 @@
 """RetinaNet whose head NORM may be "MABN" (registered in META_ARCH_REGISTRY)."""
+import dataclasses
 import logging
 
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 
-from ..config import MABN_NORM, check_mabn_config, mabn_layer_kwargs
+from ..config import MABN_NORM, check_mabn_config, mabn_settings
 from ..layers import CentredConv2d, PerLevelMABN2d
 
 __all__ = ["MABNRetinaNet"]
@@ -32,7 +33,8 @@ class MABNRetinaNet(RetinaNet):
         per_level_bn.defrost()
         per_level_bn.MODEL.RETINANET.NORM = "BN"
         ret = super().from_config(per_level_bn)
-        PerLevelMABN2d.replace_cycle_batch_norms(ret["head"], **mabn_layer_kwargs(cfg))
+        settings = dataclasses.asdict(mabn_settings(cfg))
+        PerLevelMABN2d.replace_cycle_batch_norms(ret["head"], **settings)
         if cfg.MODEL.MABN.CENTRED_CONV:
             CentredConv2d.convert_convs_before_mabn(ret["head"])
         logger.info("RetinaNetHead: the per-level BN above is replaced by per-level MABN "

@@ -86,6 +86,8 @@ def test_hyperparameters_reach_every_layer():
     (["MODEL.MABN.KERNEL", "cuda"],
      "cfg.MODEL.MABN.KERNEL must be one of 'auto', 'triton', 'torch', got 'cuda'"),
     (["SOLVER.GRAD_ACCUMULATION_STEPS", "3"], "GRAD_ACCUMULATION_STEPS must be ≥ 1 and divide"),
+    (["SOLVER.GRAD_ACCUMULATION_STEPS", "2", "SOLVER.AMP.ENABLED", "True"],
+     "cfg.SOLVER.GRAD_ACCUMULATION_STEPS > 1 does not support SOLVER.AMP.ENABLED"),
 ])
 def test_unusable_configs_are_refused_with_the_setting_to_use(opts, message):
     from mabn_det.engine import Trainer
