@@ -12,7 +12,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 # A bare Figure renders to files without pyplot, so no GUI backend is chosen for the process.
 from matplotlib.figure import Figure
 
-__all__ = ["MASK_RCNN_LOSSES", "bar_chart", "read_metrics", "plot_training_curves", "save_predictions"]
+__all__ = ["MASK_RCNN_LOSSES", "bar_chart", "plot_ap_curves", "plot_training_curves", "read_metrics",
+           "save_predictions"]
 
 
 def read_metrics(output_dir: str) -> List[Dict]:
@@ -132,3 +133,39 @@ def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[floa
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+
+
+def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
+                   title: str = "") -> Figure:
+    """Box and mask AP against iterations: per label, the mean over its runs and the min-to-max band.
+
+    Args:
+        runs_by_label: label → one list per run of evaluations, each a dict with "iteration",
+            "bbox_AP" and "segm_AP". Iterations that not every run of a label reached are left out
+            of its curve.
+        png_path: where to write the figure.
+
+    Returns:
+        The figure written: axes[0] box AP, axes[1] mask AP.
+    """
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for label, runs in runs_by_label.items():
+        common = sorted(set.intersection(*({e["iteration"] for e in run} for run in runs)))
+        for ax, key in zip(axes, ("bbox_AP", "segm_AP")):
+            values = np.array([[next(e[key] for e in run if e["iteration"] == it) for it in common]
+                               for run in runs])
+            line = ax.plot(common, values.mean(0), "-o", markersize=3,
+                           label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")[0]
+            if len(runs) > 1:
+                ax.fill_between(common, values.min(0), values.max(0), color=line.get_color(),
+                                alpha=0.2)
+    for ax, name in zip(axes, ("box AP", "mask AP")):
+        ax.set(xlabel="iteration (optimizer step)", ylabel=f"COCO {name} (val)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    return fig

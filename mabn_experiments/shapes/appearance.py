@@ -6,6 +6,7 @@ their colours from the same pool so that a detector can only tell classes apart 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import skimage.data
@@ -40,11 +41,32 @@ MIN_TEXTURE_CROP_FRACTION = 0.15
 # differ a lot, so that how a network normalises its activations matters.
 BLUR_PROBABILITY = 0.35
 BLUR_SIGMA_RANGE = (0.4, 1.2)
-GAMMA_RANGE = (0.5, 2.0)  # sampled log-uniformly
-CHANNEL_GAIN_RANGE = (0.75, 1.25)  # independent per channel: a colour cast
-CONTRAST_RANGE = (0.45, 1.5)  # sampled log-uniformly; scales deviations from the image mean
-BRIGHTNESS_RANGE = (0.2, 0.8)  # the new image mean
 NOISE_SIGMA_RANGE = (0.0, 0.05)
+
+
+@dataclass(frozen=True)
+class Photometry:
+    """Ranges of the per-image changes of `perturb_photometry`.
+
+    Attributes:
+        gamma_range: exponent applied to the pixels, sampled log-uniformly.
+        channel_gain_range: a factor per colour channel, sampled independently: a colour cast.
+        contrast_range: scales deviations from the image mean, sampled log-uniformly.
+        brightness_range: the new image mean.
+    """
+
+    gamma_range: tuple[float, float] = (0.5, 2.0)
+    channel_gain_range: tuple[float, float] = (0.75, 1.25)
+    contrast_range: tuple[float, float] = (0.45, 1.5)
+    brightness_range: tuple[float, float] = (0.2, 0.8)
+
+
+STANDARD_PHOTOMETRY = Photometry()
+# Stronger casts and tone curves, for images whose content alone would give every image about the
+# same statistics (the colour-coded "study" style): two images' mean and variance then differ
+# from the population's by a lot.
+STRONG_PHOTOMETRY = Photometry(gamma_range=(0.4, 2.5), channel_gain_range=(0.6, 1.4),
+                               contrast_range=(0.4, 1.6), brightness_range=(0.15, 0.85))
 
 
 @functools.cache
@@ -141,12 +163,15 @@ def render_fill(
     return renderers[rng.choice(len(FILL_STYLES), p=style_weights)](rng, height, width)
 
 
-def perturb_photometry(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def perturb_photometry(
+    rng: np.random.Generator, image: np.ndarray, photometry: Photometry = STANDARD_PHOTOMETRY
+) -> np.ndarray:
     """Apply random blur, gamma, colour cast, contrast, brightness and noise.
 
     Args:
         rng: Source of randomness.
         image: float32 (H, W, 3) in [0, 1].
+        photometry: The ranges the changes are drawn from.
 
     Returns:
         float32 array (H, W, 3), not clipped.
@@ -154,10 +179,10 @@ def perturb_photometry(rng: np.random.Generator, image: np.ndarray) -> np.ndarra
     if rng.random() < BLUR_PROBABILITY:
         sigma = rng.uniform(*BLUR_SIGMA_RANGE)
         image = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0.0))
-    image = np.clip(image, 0.0, 1.0) ** np.float32(log_uniform(rng, *GAMMA_RANGE))
-    image = image * rng.uniform(*CHANNEL_GAIN_RANGE, size=3).astype(np.float32)
-    contrast = np.float32(log_uniform(rng, *CONTRAST_RANGE))
-    brightness = np.float32(rng.uniform(*BRIGHTNESS_RANGE))
+    image = np.clip(image, 0.0, 1.0) ** np.float32(log_uniform(rng, *photometry.gamma_range))
+    image = image * rng.uniform(*photometry.channel_gain_range, size=3).astype(np.float32)
+    contrast = np.float32(log_uniform(rng, *photometry.contrast_range))
+    brightness = np.float32(rng.uniform(*photometry.brightness_range))
     image = brightness + (image - image.mean()) * contrast
     noise_sigma = np.float32(rng.uniform(*NOISE_SIGMA_RANGE))
     return image + noise_sigma * rng.standard_normal(image.shape, dtype=np.float32)
