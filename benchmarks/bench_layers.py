@@ -11,17 +11,17 @@ would each be a kernel on a GPU).
     python benchmarks/bench_layers.py                 # CPU shapes (and CUDA shapes when present)
     python benchmarks/bench_layers.py --device cuda   # R50-FPN shapes, 2 images of 800×1216
     python benchmarks/bench_layers.py --device cuda --kernel triton   # MABN2d's Triton path only
+    python benchmarks/bench_layers.py --markdown output/bench_layers.md  # also as a Markdown file
 
 MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one).
 """
 import argparse
-import statistics
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+import common
 from launch_count import count_launches
 from mabn_det.layers import MABN2d
 
@@ -57,7 +57,8 @@ class NaiveMABN(nn.Module):
                 layer.chi[layer.step % layer.m] = chi
                 var = layer.chi.mean(0)
                 sigma = (var + layer.eps).sqrt()
-                r = (sigma / (layer.running_var + layer.eps).sqrt()).clamp(1 / layer.clip, layer.clip)
+                r = (sigma / (layer.running_var + layer.eps).sqrt()).clamp(1 / layer.clip,
+                                                                            layer.clip)
                 z = x / sigma.view(1, -1, 1, 1)
                 layer.running_var.mul_(0.98).add_(0.02 * var)
                 ctx.save_for_backward(z, weight, sigma, r)
@@ -84,22 +85,6 @@ def _layers(channels: int, kernels: List[str]) -> Dict[str, nn.Module]:
     return layers
 
 
-def _time(fn: Callable[[], None], device: str, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs after 3 warm-up runs."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channels_last: bool,
                 repeats: int, kernels: List[str]) -> Dict[str, Tuple[float, int]]:
     """(seconds, kernel launches) per forward+backward of each layer at `shape`."""
@@ -120,27 +105,26 @@ def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channel
                 y = layer(x)
             y.backward(dy.to(y.dtype))
 
-        seconds = _time(step, device, repeats)
+        seconds = common.median_seconds(step, repeats, common.synchronizer(device))
         result[name] = seconds, count_launches(step, device)
     return result
 
 
 def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
           formats: List[bool], repeats: int, kernels: List[str]) -> str:
+    """Markdown: BatchNorm2d's ms and every other layer's time as a multiple of it."""
     names = list(_layers(32, kernels))
-    lines = ["| shape | dtype | layout | BatchNorm2d (ms) | "
-             + " | ".join(f"{n} / BN" for n in names[1:]) + " |",
-             "|---" * (4 + len(names) - 1) + "|"]
+    rows = []
     for label, shape in shapes.items():
         for dtype in dtypes:
             for channels_last in formats:
                 r = bench_shape(shape, device, dtype, channels_last, repeats, kernels)
                 bn_seconds, bn_launches = r["BatchNorm2d"]
-                ratios = " | ".join(f"{r[n][0] / bn_seconds:.2f}× ({r[n][1]})" for n in names[1:])
-                lines.append(f"| {label} | {str(dtype).split('.')[-1]} | "
-                             f"{'NHWC' if channels_last else 'NCHW'} | "
-                             f"{bn_seconds * 1e3:.2f} ({bn_launches}) | {ratios} |")
-    return "\n".join(lines)
+                rows.append([label, str(dtype).split(".")[-1], "NHWC" if channels_last else "NCHW",
+                             f"{bn_seconds * 1e3:.2f} ({bn_launches})"]
+                            + [f"{r[n][0] / bn_seconds:.2f}× ({r[n][1]})" for n in names[1:]])
+    return common.markdown_table(
+        ["shape", "dtype", "layout", "BatchNorm2d (ms)"] + [f"{n} / BN" for n in names[1:]], rows)
 
 
 def main() -> None:
@@ -149,26 +133,29 @@ def main() -> None:
                         help="default: cpu, plus cuda when available")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
-                        help="MABN2d implementation(s) to time; default: torch, plus triton on CUDA "
-                             "(the Triton path runs on CUDA only)")
+                        help="MABN2d implementation(s) to time; default: torch, plus triton on "
+                             "CUDA (the Triton path runs on CUDA only)")
+    common.add_markdown_argument(parser)
     args = parser.parse_args()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = []
     for device in devices:
         kernels = args.kernel or (["torch", "triton"] if device == "cuda" else ["torch"])
         if device != "cuda" and "triton" in kernels:
             print("\nMABN2d(kernel='triton') runs on CUDA only; timing its PyTorch path on CPU")
             kernels = ["torch"]
         if device == "cuda":
-            name = torch.cuda.get_device_name()
-            print(f"\n{name}, torch {torch.__version__}, forward+backward, median of "
-                  f"{args.repeats}; (n) = kernel launches per forward+backward\n")
-            print(table("cuda", CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
-                        [False, True], args.repeats, kernels))
+            note = ("forward+backward, median of {}; (n) = kernel launches per forward+backward")
+            shapes, dtypes, formats = (CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
+                                       [False, True])
         else:
-            print(f"\nCPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-                  f"forward+backward, median of {args.repeats}; (n) = ATen ops per "
-                  f"forward+backward, each a kernel launch on a GPU\n")
-            print(table("cpu", CPU_SHAPES, [torch.float32], [False], args.repeats, kernels))
+            note = ("forward+backward, median of {}; (n) = ATen ops per forward+backward, each a "
+                    "kernel launch on a GPU")
+            shapes, dtypes, formats = CPU_SHAPES, [torch.float32], [False]
+        lines += [f"{common.header(device)}; {note.format(args.repeats)}", "",
+                  table(device, shapes, dtypes, formats, args.repeats, kernels), ""]
+        print("\n" + "\n".join(lines[-4:]))
+    common.write_markdown(args.markdown, "Forward+backward of one normalisation layer", lines)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ layer-steps per iteration, and launches per norm layer-step (one layer of the mo
     python benchmarks/bench_maskrcnn.py                    # CUDA when present
     python benchmarks/bench_maskrcnn.py --device cpu --size 320 --iters 3   # a CPU smoke run
     python benchmarks/bench_maskrcnn.py --kernel triton    # MABN2d's Triton path only
+    python benchmarks/bench_maskrcnn.py --markdown output/bench_maskrcnn.md   # also as Markdown
 
 MABN runs with MABN2d(kernel="torch") and, on CUDA, kernel="triton"; `--kernel` picks one. On CPU
 "launches" are ATen ops, each of which would be a kernel launch on a GPU.
@@ -30,6 +31,7 @@ from mabn_det.config import load_config, set_key
 from mabn_det.layers import MABN2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from launch_count import count_launches  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +41,9 @@ CONFIG = os.path.join(REPO, "configs", "Base-MABN-RCNN-FPN.yaml")
 NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, MABN2d)
 
 
-# The normalised sites of a Mask R-CNN R50-FPN.
-NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
-             "MODEL.ROI_MASK_HEAD.NORM")
-
-
 def _model(norm: str, device: str, kernel: str = "torch"):
     cfg = load_config(CONFIG)
-    for key in NORM_KEYS:
+    for key in common.NORM_KEYS:
         set_key(cfg, key, norm)
     cfg.MODEL.DEVICE = device
     cfg.MODEL.MABN.WARMUP_ITERS = cfg.MODEL.MABN.RENORM_WARMUP_ITERS = 0  # steady state
@@ -131,25 +128,31 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
                         help="MABN2d implementation(s); default: torch, plus triton on CUDA")
+    common.add_markdown_argument(parser)
     args = parser.parse_args()
     kernels = args.kernel or (["torch", "triton"] if args.device == "cuda" else ["torch"])
     if args.device != "cuda" and "triton" in kernels:
         print("MABN2d(kernel='triton') runs on CUDA only; using its PyTorch path on CPU")
         kernels = ["torch"]
-    batch = _batch(args.size, int(args.size * 1.52) // 32 * 32, args.device)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, 2 images {args.size}×{int(args.size * 1.52) // 32 * 32}")
-    print("| norm | ms / iteration | vs BN | peak memory (GiB) | launches / iteration "
-          "| norm layer-steps / iteration | launches / norm layer-step |\n" + "|---" * 7 + "|")
-    results = {}
+    width = int(args.size * 1.52) // 32 * 32
+    batch = _batch(args.size, width, args.device)
+    title = f"{common.header(args.device)}; 2 images {args.size}×{width}, median of {args.iters}"
+    print(title)
+    rows, results = [], {}
     runs = [("BN", "BN", "torch"), ("GN", "GN", "torch")] + [
         ("MABN" if kernel == "torch" else f"MABN ({kernel})", "MABN", kernel) for kernel in kernels]
     for label, norm, kernel in runs:
         seconds, peak, (launches, layer_steps, per_layer), model = measure(
             norm, args.device, batch, args.iters, kernel)
         results[label] = seconds
-        print(f"| {label} | {seconds * 1e3:.1f} | {seconds / results['BN']:.3f}× | {peak:.2f} "
-              f"| {launches} | {layer_steps} | {per_layer} |")
+        rows.append([label, f"{seconds * 1e3:.1f}", f"{seconds / results['BN']:.3f}×",
+                     f"{peak:.2f}", launches, layer_steps, per_layer])
+        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+    table = common.markdown_table(
+        ["norm", "ms / iteration", "vs BN", "peak memory (GiB)", "launches / iteration",
+         "norm layer-steps / iteration", "launches / norm layer-step"], rows)
+    print(table)
+    lines = [title, "", table]
     if args.device == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -157,10 +160,12 @@ def main() -> None:
             # where most MABN layers are, must not.
             features = model.backbone(batch[0]["image"][None].float())
             sum(f.float().mean() for f in features.values()).backward()
-            print("MABN backbone+FPN forward+backward under set_sync_debug_mode('error'): "
-                  "no synchronisation")
+            lines += ["", "MABN backbone+FPN forward+backward under "
+                          "set_sync_debug_mode('error'): no synchronisation"]
+            print(lines[-1])
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    common.write_markdown(args.markdown, "Mask R-CNN R50-FPN training iteration", lines)
 
 
 if __name__ == "__main__":

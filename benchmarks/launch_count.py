@@ -1,8 +1,8 @@
 """Kernel launches of a piece of code: what a normalisation layer costs in fixed overhead.
 
 On CUDA the profiler counts the device activities (kernels, memsets, memcopies) that the code
-issued. On CPU, where nothing is launched, a TorchDispatchMode counts the ATen ops that would each be
-one kernel on a GPU: every op except views, aliases and allocations of uninitialised memory.
+issued. On CPU, where nothing is launched, a TorchDispatchMode counts the ATen ops that would each
+be one kernel on a GPU: every op except views, aliases and allocations of uninitialised memory.
 """
 from typing import Callable
 

@@ -1,7 +1,9 @@
 """benchmarks/bench_inference.py on a tiny R18: the variants compute the same function where they
 should, the RoI counts are fixed, and the ONNX graphs show what the README claims about fusion."""
-import importlib.util
+import importlib
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -13,11 +15,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_inference", os.path.join(REPO, "benchmarks", "bench_inference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark's modules as one namespace (they are scripts beside each other, not a
+    package)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        modules = [importlib.import_module(name) for name in
+                   ("inference_models", "inference_onnx", "bench_inference")]
+    finally:
+        sys.path.pop(0)
+    return types.SimpleNamespace(**{k: v for m in modules for k, v in vars(m).items()
+                                    if not k.startswith("__")})
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +33,13 @@ def tiny(bench):
     setting = bench.Setting(2, 64, 96, 6, 3)
     photos = bench.photographs(bench.CALIBRATION_PHOTOS[:2], setting.height, setting.width)
     return setting, photos, bench.build_variants(setting, bench.TINY_OPTS, photos)
+
+
+def test_tiny_run_writes_the_report(bench, tmp_path):
+    result = bench.main(["--tiny", "--no-quantization", "--output", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text().startswith("# Inference benchmark")
+    programs = {row["program"] for row in result["timings_ms"]}
+    assert programs == {"backbone+FPN", "heads", "whole model"}
 
 
 def test_converted_variants_compute_the_unconverted_function(bench, tiny):
@@ -42,7 +56,7 @@ def test_whole_model_has_the_fixed_number_of_detections(bench, tiny):
     setting, photos, variants = tiny
     with torch.no_grad():
         for v, model in variants.items():
-            out = model.inference(bench._inputs(photos))
+            out = model.inference(bench.model_inputs(photos))
             assert [len(o["instances"]) for o in out] == [setting.detections] * len(photos), v
 
 

@@ -27,9 +27,9 @@ Data: the Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fa
 
 Run (about 10 minutes on 2 otherwise idle cores)::
 
-    .venv/bin/python benchmarks/fashion_mnist_norms.py                 # 4 arms × 2 seeds, 0.5 epoch
-    .venv/bin/python benchmarks/fashion_mnist_norms.py --quick         # smoke test: 0.05 epoch, 1 seed
-    .venv/bin/python benchmarks/fashion_mnist_norms.py --arms BN@2 MABN@2 --seeds 3 --epochs 1
+    python -m mabn_experiments.fashion_mnist_norms                  # 4 arms × 2 seeds, 0.5 epoch
+    python -m mabn_experiments.fashion_mnist_norms --quick          # smoke: 0.05 epoch, 1 seed
+    python -m mabn_experiments.fashion_mnist_norms --arms BN@2 MABN@2 --seeds 3 --epochs 1
 
 Writes ``OUT/results.md`` (Markdown table), ``OUT/results.json`` (per-run results) and
 ``OUT/accuracy.png`` (bar chart with the standard deviation over seeds), ``OUT`` from ``--out``.
