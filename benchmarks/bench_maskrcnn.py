@@ -147,7 +147,7 @@ def main() -> None:
         results[label] = seconds
         rows.append([label, f"{seconds * 1e3:.1f}", f"{seconds / results['BN']:.3f}×",
                      f"{peak:.2f}", launches, layer_steps, per_layer])
-        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+        print(f"  {label}: {seconds * 1e3:.1f} ms per iteration", flush=True)
     table = common.markdown_table(
         ["norm", "ms / iteration", "vs BN", "peak memory (GiB)", "launches / iteration",
          "norm layer-steps / iteration", "launches / norm layer-step"], rows)
