@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-ENV_FILES := setup.py tools/install_detectron2.py
+ENV_FILES := Makefile setup.py tools/install_detectron2.py
 ENV_HASH := $(shell cat $(ENV_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(ENV_HASH)
 
@@ -16,7 +16,9 @@ $(STAMP):
 	$(PY) -m pip install -q "setuptools<81" wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -q -e ".[test]"
+	# Detectron2's wheel requires numpy<2, and pip resolves the extras without weighing what is
+	# installed: unpinned, ONNX's ml_dtypes would pull numpy 2 under it.
+	$(PY) -m pip install -q -e ".[test]" "numpy<2"
 	touch $@
 
 test: setup
