@@ -10,14 +10,14 @@ STAMP := $(VENV)/.installed-$(ENV_HASH)
 .PHONY: setup test demo
 setup: $(STAMP)
 
+# Detectron2's wheel requires numpy<2, and pip resolves the extras without weighing what is
+# installed: unpinned, ONNX's ml_dtypes would pull numpy 2 under it.
 $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "setuptools<81" wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
-	# Detectron2's wheel requires numpy<2, and pip resolves the extras without weighing what is
-	# installed: unpinned, ONNX's ml_dtypes would pull numpy 2 under it.
 	$(PY) -m pip install -q -e ".[test]" "numpy<2"
 	touch $@
 
