@@ -137,7 +137,7 @@ class MABN2d(nn.Module):
             renorm_clip, momentum, eps, kernel); those not given take its defaults, the paper's
             detection settings. ``kernel`` chooses how a training step is computed:
 
-            - ``"torch"``: PyTorch ops (about 67 per layer-step); the reference implementation, and
+            - ``"torch"``: PyTorch ops (65 per layer-step); the reference implementation, and
               the only one for CPU tensors.
             - ``"triton"``: for CUDA tensors, four fused Triton kernels per layer-step (two forward,
               two backward; see `mabn_det.layers.mabn_triton`), statistics in float32, outputs in
