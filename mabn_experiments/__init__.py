@@ -1,6 +1,6 @@
-"""Experiments around mabn_det, kept apart from the plugin: the synthetic shapes set, the demo behind
-`make demo`, the norm study, the Fashion-MNIST proxy, and their plots. Nothing in `mabn_det` imports
-this package.
+"""Experiments around mabn_det, kept apart from the plugin: the synthetic shapes set, the demo
+behind `make demo`, the norm study, the Fashion-MNIST proxy, and their plots. Nothing in `mabn_det`
+imports this package.
 
 It ships in the `mabn_det` distribution but needs the packages of its extra; importing it without
 them raises an ImportError that names the install command.

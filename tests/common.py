@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ from mabn_det.config import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MABN_CONFIG = os.path.join(REPO, "configs", "tiny", "mabn_R18_FPN_shapes.yaml")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+# Top-level packages of this repository (not distributions of anyone else).
+FIRST_PARTY = ("mabn_det", "mabn_experiments", "tests")
 
 
 def make_cfg(config_file=TINY_MABN_CONFIG, opts=()):
@@ -144,3 +147,8 @@ def train_checking_finite(model, batch, steps):
             optimizer.step()
     for name, buf in model.named_buffers():
         assert torch.isfinite(buf.float()).all(), name
+
+
+def distribution_key(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): "Scikit_Image" → "scikit-image"."""
+    return re.sub(r"[-_.]+", "-", name).lower()

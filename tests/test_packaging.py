@@ -8,21 +8,19 @@ PyPI, and tools/install_detectron2.py installs it.
 import ast
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 from packaging.requirements import Requirement
 
-from tests.common import REPO
+from tests.common import FIRST_PARTY, REPO, distribution_key
 
 # Import names whose distribution is named otherwise.
 DISTRIBUTION_OF = {"cv2": "opencv-python-headless", "PIL": "pillow", "skimage": "scikit-image",
                    "sklearn": "scikit-learn", "yaml": "pyyaml"}
 # Not a PyPI requirement: installed by tools/install_detectron2.py when missing.
 EXEMPT = {"detectron2"}
-FIRST_PARTY = {"mabn_det", "mabn_experiments", "tests"}
 TRITON_PATH = os.path.join("mabn_det", "layers", "mabn_triton.py")
 # (code, the extra it runs under; None = the plugin alone). mabn_triton.py runs only when
 # kernel="triton" is asked for, so Triton is an extra of its own.
@@ -34,10 +32,6 @@ PARTS = [
     ("benchmarks", "bench"),
     ("tests", "test"),
 ]
-
-
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def python_files(path: str):
@@ -73,13 +67,13 @@ def imported_top_level_names(path: str, skip: tuple = ()) -> dict:
 
 
 def declared(extra: str | None) -> set:
-    """Normalised distribution names that `pip install mabn_det[extra]` installs on this platform."""
+    """Normalised names of what `pip install mabn_det[extra]` installs on this platform."""
     names = set()
     for text in importlib.metadata.requires("mabn_det") or []:
         requirement = Requirement(text)
         environment = {"extra": extra or ""}
         if requirement.marker is None or requirement.marker.evaluate(environment):
-            names.add(normalise(requirement.name))
+            names.add(distribution_key(requirement.name))
     return names
 
 
@@ -96,7 +90,7 @@ def undeclared_imports(path: str, extra: str | None) -> dict:
             needed = declared("experiments") if name == "mabn_experiments" else set()
             missing.update({d: file for d in needed - covered})
             continue
-        distribution = normalise(DISTRIBUTION_OF.get(name, name))
+        distribution = distribution_key(DISTRIBUTION_OF.get(name, name))
         if distribution not in covered:
             missing[distribution] = file
     return missing
@@ -114,8 +108,8 @@ def test_requirements_cover_imports(path, extra):
 def test_plugin_declares_no_numpy_pin_and_nothing_of_the_experiments():
     plugin = [Requirement(r) for r in importlib.metadata.requires("mabn_det") or []
               if "extra ==" not in r]
-    names = {normalise(r.name) for r in plugin}
-    assert not {r.name: str(r.specifier) for r in plugin if normalise(r.name) == "numpy"
+    names = {distribution_key(r.name) for r in plugin}
+    assert not {r.name: str(r.specifier) for r in plugin if distribution_key(r.name) == "numpy"
                 and r.specifier}, "the plugin must not pin numpy"
     assert names.isdisjoint({"scikit-image", "scipy", "matplotlib", "opencv-python-headless",
                              "tensorboard", "onnx", "onnxruntime"}), names
