@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of the MABN Triton kernels for sm_90 (H100/H200), without a GPU.
 
-Used by tests/layers/test_mabn_triton.py; also a script that prints registers and spills:
+Used by tests/layers/test_mabn_triton.py; also a script that prints, for every variant the
+benchmark shapes launch, registers, spills, vector loads and the ticket protocol's check:
 
-    python tests/layers/mabn_triton_aot.py          # the variants the test compiles
-    python tests/layers/mabn_triton_aot.py --all    # every variant the benchmark shapes launch
+    python tests/layers/mabn_triton_aot.py
 
 ptxas (bundled with Triton) reports registers and spills; the interpreter checks none of this,
 and it accepts some type errors that the compiler rejects.
@@ -11,7 +11,6 @@ and it accepts some type errors that the compiler rejects.
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from typing import Dict, List, NamedTuple, Tuple
 
@@ -24,10 +23,9 @@ from mabn_det.layers import mabn_triton
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_DATA_POINTERS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")
+_DATA_POINTERS = ("x_ptr", "dy_ptr", "u_ptr", "v_ptr", "out_ptr")
 _INT64_POINTERS = ("iter_ptr", "step_ptr", "skip_ptr")
 _FLOAT_SCALARS = ("count", "eps", "momentum", "clip")
-_SIZE_ARGS = ("N", "C", "HW", "R", "NC")
 # Mask R-CNN R50-FPN, 2 images of 800×1216 (benchmarks/bench_layers.py), plus the stem.
 BENCH_SHAPES = {"stem": (2, 64, 400, 608), "res2": (2, 256, 200, 336), "res3": (2, 512, 100, 168),
                 "res4": (2, 1024, 50, 84), "res5": (2, 2048, 25, 42),
@@ -39,49 +37,60 @@ class Variant(NamedTuple):
     kernel: str  # key of mabn_triton.KERNELS
     dtype: torch.dtype
     constexprs: Tuple[Tuple[str, int], ...]
-    aligned: bool  # pointers 16-byte aligned and sizes multiples of 16 (Triton's specialisation)
+    # The integer arguments that are multiples of 16, which Triton's launcher specialises on
+    # (data pointers are always 16-byte aligned: fresh PyTorch allocations).
+    multiples_of_16: Tuple[str, ...]
 
     @property
     def label(self) -> str:
-        blocks = ",".join(f"{k[6:]}={v}" for k, v in self.constexprs)
-        return (f"{self.kernel}[{_TRITON_DTYPES[self.dtype]}, {blocks}"
-                f"{', aligned' if self.aligned else ''}]")
+        blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in self.constexprs)
+        aligned = f", 16 | {' '.join(self.multiples_of_16)}" if self.multiples_of_16 else ""
+        return f"{self.kernel}[{_TRITON_DTYPES[self.dtype]}, {blocks}{aligned}]"
+
+    @property
+    def vectorisable(self) -> bool:
+        """Whether the streaming loads can be 128-bit: contiguous runs of 16 bytes."""
+        values = dict(self.constexprs)
+        if "ROW_ALIGN" in values:  # NCHW: 16 bytes of a row, as H·W / ROW_ALIGN · ROW_ALIGN
+            return values["ROW_ALIGN"] * self.dtype.itemsize >= 16 or "HW_Q" in self.multiples_of_16
+        return "C" in self.multiples_of_16  # NHWC: rows of C channels
 
 
 class Compiled(NamedTuple):
     registers: int
     spill_bytes: int  # stores + loads
     vector_loads: int  # ld.global.v4 / .v2 in the PTX
+    ptx: str
 
 
-def _signature(fn, dtype: torch.dtype, aligned: bool):
+def _signature(fn, variant: Variant):
+    constexprs = dict(variant.constexprs)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name.startswith("BLOCK_"):
+        if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             if name in _DATA_POINTERS:
-                signature[name] = "*" + _TRITON_DTYPES[dtype]
+                signature[name] = "*" + _TRITON_DTYPES[variant.dtype]
             elif name in _INT64_POINTERS:
                 signature[name] = "*i64"
             elif name == "ticket_ptr":
                 signature[name] = "*i32"
             else:
                 signature[name] = "*fp32"
-            if aligned:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if aligned and name in _SIZE_ARGS:
+            if name in variant.multiples_of_16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
 
 def compile_variant(variant: Variant) -> Compiled:
     fn = mabn_triton.KERNELS[variant.kernel]
-    signature, attrs = _signature(fn, variant.dtype, variant.aligned)
+    signature, attrs = _signature(fn, variant)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=dict(variant.constexprs),
                                     attrs=attrs)
     options = mabn_triton.launch_options(variant.kernel)
@@ -98,38 +107,77 @@ def compile_variant(variant: Variant) -> Compiled:
     registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
     return Compiled(registers, int(spills.group(1)) + int(spills.group(2)),
-                    len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)))
+                    len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)), ptx)
+
+
+# PTX instructions the ticket protocol rests on (see mabn_triton's docstring).
+_BARRIER = re.compile(r"^\s*(?:@%p\d+\s+)?(?:bar|barrier)\.sync\b")
+_TICKET = re.compile(r"\batom\.(?:[\w]+\.)*acq_rel\.(?:[\w]+\.)*add\.[us]32\b")
+_RESET = re.compile(r"\batom\.(?:[\w]+\.)*exch\.b32\b")
+_ANY_ATOMIC = re.compile(r"\b(?:atom|red)\.")
+_COMBINE_LOAD = re.compile(r"\bld\.global\.cg\.")
+_GLOBAL_ACCESS = re.compile(r"\b(?:ld|st)\.global\.")
+
+
+def protocol_problems(variant: Variant, ptx: str) -> List[str]:
+    """What the PTX of a kernel lacks of the ticket protocol; [] when nothing.
+
+    A reduction takes two tickets (its channel tile's, then the layer's in the tile's last
+    program), each an acquire-release integer add preceded by a block barrier with no global
+    memory access between them; reads the partial sums of other programs with .cg loads (L2, not a
+    stale L1 line), after a barrier that follows the ticket (the ticket is drawn by one thread and
+    broadcast); and puts both tickets back to 0 with an atomic exchange. No other atomics: no float
+    atomics anywhere. The element-wise kernels have no atomics at all.
+    """
+    lines = [line.split("//")[0] for line in ptx.splitlines()]
+    atomics = [i for i, line in enumerate(lines) if _ANY_ATOMIC.search(line)]
+    tickets = [i for i in atomics if _TICKET.search(lines[i])]
+    resets = [i for i in atomics if _RESET.search(lines[i])]
+    if "reduce" not in variant.kernel:
+        return [f"{len(atomics)} atomics in an element-wise kernel"] if atomics else []
+    problems = []
+    if len(tickets) != 2 or len(resets) != 2 or len(atomics) != 4:
+        others = len(atomics) - len(tickets) - len(resets)
+        problems.append(f"expected 2 acq_rel ticket adds, 2 exchanges and nothing else, found "
+                        f"{len(tickets)}, {len(resets)} and {others}")
+    for i in tickets:
+        before = next((j for j in range(i - 1, -1, -1)
+                       if _BARRIER.search(lines[j]) or _GLOBAL_ACCESS.search(lines[j])), None)
+        if before is None or not _BARRIER.search(lines[before]):
+            problems.append(f"no block barrier between the last global access and the ticket "
+                            f"at PTX line {i + 1}")
+    combine = [i for i, line in enumerate(lines) if _COMBINE_LOAD.search(line)]
+    if not combine:
+        problems.append("no .cg load of the partial sums")
+    elif not tickets or combine[0] < tickets[0] or not any(
+            _BARRIER.search(line) for line in lines[tickets[0]:combine[0]]):
+        problems.append("the partial sums are not read after the tile's ticket and a barrier")
+    if resets and tickets and min(resets) < tickets[0]:
+        problems.append("a ticket is reset before any ticket is taken")
+    return problems
 
 
 def plan_variants(shape, channels_last: bool, dtype: torch.dtype,
                   buffer_size: int = 16) -> List[Variant]:
-    """The four kernels one training step launches for this input, as the JIT would specialise
-    them (up to Triton's other specialisations, e.g. of integer arguments equal to 1)."""
-    plan = mabn_triton.Plan(shape, channels_last, buffer_size, H100_PROGRAMS)
+    """The four launches of one training step for this input, as the JIT would specialise them
+    (up to Triton's other specialisations, e.g. of integer arguments equal to 1)."""
+    plan = mabn_triton.Plan(shape, channels_last, buffer_size, H100_PROGRAMS, dtype.itemsize)
     n, c, h, w = shape
-    aligned = c % 16 == 0 if channels_last else (h * w) % 16 == 0
-    layout = "nhwc" if channels_last else "nchw"
-    reduce = tuple(sorted({**plan.reduce_blocks, **plan.update_blocks}.items()))
+    if channels_last:
+        layout, sizes = "nhwc", dict(R=n * h * w, C=c)
+    else:
+        layout, sizes = "nchw", dict(N=n, C=c, HW_Q=h * w // plan.row_align, NC=n * c)
+    aligned = tuple(k for k, v in sizes.items() if v % 16 == 0)
+    reduce = tuple(sorted(plan.reduce_blocks.items()))
     elementwise = tuple(sorted(plan.elementwise_blocks.items()))
     return [Variant(f"fwd_reduce_{layout}", dtype, reduce, aligned),
-            Variant(f"affine_{layout}", dtype, elementwise, aligned),
+            Variant(f"scale_add_{layout}", dtype, elementwise + (("HAS_V", False),), aligned),
             Variant(f"bwd_reduce_{layout}", dtype, reduce, aligned),
-            Variant(f"dx_{layout}", dtype, elementwise, aligned)]
-
-
-def checked_variants() -> List[Variant]:
-    """Each kernel at its largest tiles (the most registers) in float32 and bfloat16 (float16
-    compiles to the same code as bfloat16 but for the conversions; `--all` includes it), plus
-    the H·W = 49 NCHW tiles of the box head, where loads cannot be vectorised."""
-    variants = []
-    for dtype in (torch.float32, torch.bfloat16):
-        variants += plan_variants(BENCH_SHAPES["res2"], False, dtype)
-        variants += plan_variants(BENCH_SHAPES["res2"], True, dtype)
-    variants += plan_variants(BENCH_SHAPES["box head"], False, torch.bfloat16)
-    return variants
+            Variant(f"scale_add_{layout}", dtype, elementwise + (("HAS_V", True),), aligned)]
 
 
 def all_bench_variants() -> List[Variant]:
+    """Every variant the benchmark shapes launch: each shape, both layouts, every dtype."""
     unique: Dict[Variant, None] = {}
     for shape in BENCH_SHAPES.values():
         for channels_last in (False, True):
@@ -140,13 +188,14 @@ def all_bench_variants() -> List[Variant]:
 
 
 def main() -> None:
-    variants = all_bench_variants() if "--all" in sys.argv else checked_variants()
     print(f"Triton {triton.__version__}, sm_90a, reductions {mabn_triton.REDUCE_OPTIONS}, "
           f"element-wise {mabn_triton.ELEMENTWISE_OPTIONS}\n")
-    print("| kernel variant | registers | spill bytes | vector loads |\n|---|---|---|---|")
-    for v in variants:
+    print("| kernel variant | registers | spill bytes | vector loads | protocol |\n"
+          "|---|---|---|---|---|")
+    for v in all_bench_variants():
         r = compile_variant(v)
-        print(f"| {v.label} | {r.registers} | {r.spill_bytes} | {r.vector_loads} |")
+        problems = "; ".join(protocol_problems(v, r.ptx)) or "ok"
+        print(f"| {v.label} | {r.registers} | {r.spill_bytes} | {r.vector_loads} | {problems} |")
 
 
 if __name__ == "__main__":

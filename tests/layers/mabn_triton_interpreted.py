@@ -3,14 +3,20 @@
 Not a test module: tests/layers/test_mabn_triton.py runs it once, in a subprocess with
 TRITON_INTERPRET=1 (Triton reads it when the kernels are defined), and reads the JSON it prints:
 
-    {"<scenario>": {"failures": [...], "triton_steps": int, "steps": int, "seconds": float}, ...}
+    {"<scenario>": {"failures": [...], "shuffled": [...] | null, "triton_steps": int, ...}, ...}
 
 Every scenario trains both layers on the same inputs through the warm-up (batch statistics), ring
 averaging, clipped renormalisation, a NaN input, an empty batch and an infinite gradient, and
-compares y, dx, dγ, dβ and every buffer after every step.
+compares y, dx, dγ, dβ and every buffer after every step, and checks that every ticket is back at
+0. The SHUFFLED scenarios then train Triton layers again with each launch's programs run in a
+random order ("shuffled": failures, or null when not run): the interpreter otherwise always
+runs them in grid order, and the result must not depend on which program arrives last.
 """
+import contextlib
+import itertools
 import json
 import math
+import random
 import sys
 import time
 
@@ -24,19 +30,26 @@ LAYER = dict(buffer_size=2, warmup_iters=3, renorm_warmup_iters=4, renorm_clip=1
 # channels. Step 6 has a NaN input value, step 7 an empty batch, step 8 an infinite gradient.
 STEPS = 9
 NAN_STEP, EMPTY_STEP, INF_GRAD_STEP = 6, 7, 8
-# Tiny tiles (TILE elements, UPDATE_BLOCK_C channels per update iteration, PROGRAMS per reduction)
-# make even these small inputs use several splits per channel, masked tails and loops in the
-# last program's update; "default" keeps the production tile sizes.
-SMALL_TILES = dict(TILE=64, UPDATE_BLOCK_C=4, UPDATE_BLOCK_S=4, INTERPRETER_PROGRAMS=16)
+# Tiny tiles (TILE elements per program iteration, CHANNEL_TILE channels per NHWC tile, COMBINE_TILE
+# partial sums and RING_ROWS ring rows per update iteration, PROGRAMS per reduction) make even these
+# small inputs use several splits and channel tiles, masked tails and loops in the tiles' updates;
+# "default" keeps the production tile sizes.
+SMALL_TILES = dict(TILE=64, MIN_BLOCK_HW=8, CHANNEL_TILE=4, COMBINE_TILE=4, RING_ROWS=1,
+                   INTERPRETER_PROGRAMS=16)
 SCENARIOS = {
     f"{layout}-{'x'.join(map(str, shape))}-{dtype}": (layout, shape, dtype, SMALL_TILES)
     for shape, layout, dtype in [
         ((2, 8, 7, 7), "nchw", "float32"), ((2, 8, 7, 7), "nchw", "bfloat16"),  # H·W = 49
         ((2, 8, 7, 7), "nhwc", "float32"), ((2, 8, 7, 7), "nhwc", "bfloat16"),
         ((3, 5, 3, 5), "nchw", "float32"), ((3, 5, 3, 5), "nhwc", "bfloat16"),  # odd C, H·W
+        ((2, 6, 3, 4), "nchw", "bfloat16"),  # rows of 12 elements: ROW_ALIGN 4
     ]
 }
 SCENARIOS["nchw-2x8x7x7-float32-default-tiles"] = ("nchw", (2, 8, 7, 7), "float32", {})
+# Scenarios run again with each launch's programs in a random order (one seed per run): the
+# results must not change in a single bit.
+SHUFFLED = ("nchw-2x8x7x7-float32", "nhwc-2x8x7x7-bfloat16")
+SHUFFLE_SEEDS = (1, 2, 3)
 
 
 def _tolerances(dtype):
@@ -64,19 +77,19 @@ def _close(name, got, want, rtol, atol, failures, step):
         failures.append(f"step {step}: {name} differs by {diff:.3g} (rtol {rtol}, atol {atol})")
 
 
-def run_scenario(layout, shape, dtype_name):
-    dtype = getattr(torch, dtype_name)
+def _layer(kernel, c):
+    layer = MABN2d(c, kernel=kernel, **LAYER)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(-1.5, 2.0, c))
+        layer.bias.copy_(torch.linspace(0.3, -0.2, c))
+    return layer
+
+
+def _batches(layout, shape, dtype):
+    """(step, x, dy) of every step: the same for every layer and every run."""
     torch.manual_seed(0)
     n, c, h, w = shape
-    ref = MABN2d(c, kernel="torch", **LAYER)
-    tri = MABN2d(c, kernel="triton", **LAYER)
-    with torch.no_grad():
-        for layer in (ref, tri):
-            layer.weight.copy_(torch.linspace(-1.5, 2.0, c))
-            layer.bias.copy_(torch.linspace(0.3, -0.2, c))
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    out_rtol, out_atol = _tolerances(dtype)
-    failures, clipped, unclipped = [], 0, 0
     for step in range(1, STEPS + 1):
         batch = 0 if step == EMPTY_STEP else n
         # Per-channel scales that jump between steps, so that r hits the clip in some channels.
@@ -87,25 +100,50 @@ def run_scenario(layout, shape, dtype_name):
             x[0, 1, 0, 0] = float("nan")
         if step == INF_GRAD_STEP:
             dy[-1, c - 1, h - 1, w - 1] = float("inf")
-        x = x.to(dtype).contiguous(memory_format=fmt)
-        dy = dy.to(dtype).contiguous(memory_format=fmt)
-        results = []
-        for layer in (ref, tri):
-            layer.zero_grad()
-            xi = x.clone().requires_grad_()
-            y = layer(xi)
-            y.backward(dy)
-            results.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
-        (y_ref, dx_ref, dg_ref, db_ref), (y, dx, dg, db) = results
+        yield (step, x.to(dtype).contiguous(memory_format=fmt),
+               dy.to(dtype).contiguous(memory_format=fmt))
+
+
+def _train_step(layer, x, dy):
+    """(y, dx, dγ, dβ) of one forward+backward."""
+    layer.zero_grad()
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    y.backward(dy)
+    return y, xi.grad, layer.weight.grad, layer.bias.grad
+
+
+def _snapshot(layer, outputs):
+    """Everything a Triton step produced, by name, for bitwise comparison between runs."""
+    names = ("y", "dx", "dgamma", "dbeta")
+    return {**dict(zip(names, (t.detach().clone() for t in outputs))),
+            **{k: v.clone() for k, v in layer.state_dict().items()}}
+
+
+def _ticket_failures(layer, step):
+    held = mabn_triton.tickets(layer, torch.device("cpu"))
+    return [] if not held.any() else [f"step {step}: tickets not back at 0: {held.tolist()}"]
+
+
+def run_scenario(layout, shape, dtype_name, trace):
+    """Train a torch-path and a Triton-path layer side by side; return the differences found.
+    Appends the Triton layer's `_snapshot` of every step to `trace`."""
+    dtype = getattr(torch, dtype_name)
+    c = shape[1]
+    ref, tri = _layer("torch", c), _layer("triton", c)
+    out_rtol, out_atol = _tolerances(dtype)
+    failures, clipped, unclipped = [], 0, 0
+    for step, x, dy in _batches(layout, shape, dtype):
+        (y_ref, dx_ref, dg_ref, db_ref), (y, dx, dg, db) = (_train_step(ref, x, dy),
+                                                            _train_step(tri, x, dy))
+        trace.append(_snapshot(tri, (y, dx, dg, db)))
+        failures += _ticket_failures(tri, step)
         if y.dtype != dtype or dx.dtype != dtype:
             failures.append(f"step {step}: dtypes y {y.dtype}, dx {dx.dtype}, expected {dtype}")
-        if batch and layout == "nhwc" and not y.is_contiguous(memory_format=torch.channels_last):
+        if len(x) and layout == "nhwc" and not y.is_contiguous(memory_format=torch.channels_last):
             failures.append(f"step {step}: y lost the channels_last layout")
-        _close("y", y, y_ref, out_rtol, out_atol * _scale(y_ref),
-               failures, step)
-        _close("dx", dx, dx_ref, out_rtol,
-               out_atol * _scale(dx_ref),
-               failures, step)
+        _close("y", y, y_ref, out_rtol, out_atol * _scale(y_ref), failures, step)
+        _close("dx", dx, dx_ref, out_rtol, out_atol * _scale(dx_ref), failures, step)
         _close("dgamma", dg, dg_ref, 1e-5, 1e-5, failures, step)
         _close("dbeta", db, db_ref, 1e-5, 1e-5, failures, step)
         for key, want in ref.state_dict().items():
@@ -114,7 +152,7 @@ def run_scenario(layout, shape, dtype_name):
                 _close(key, got, want, 1e-5, 1e-6, failures, step)
             elif not torch.equal(got, want):
                 failures.append(f"step {step}: {key} is {got.tolist()}, expected {want.tolist()}")
-        if batch and step > LAYER["renorm_warmup_iters"]:
+        if len(x) and step > LAYER["renorm_warmup_iters"]:
             at_clip = (ref.last_renorm - LAYER["renorm_clip"]).abs() < 1e-6
             at_clip |= (ref.last_renorm - 1 / LAYER["renorm_clip"]).abs() < 1e-6
             clipped += int(at_clip.sum())
@@ -126,6 +164,54 @@ def run_scenario(layout, shape, dtype_name):
             failures.append(f"reference {key} = {int(getattr(ref, key))}, expected {expected}")
     if not (clipped and unclipped):
         failures.append(f"renormalisation not exercised: {clipped} clipped, {unclipped} unclipped")
+    return failures
+
+
+@contextlib.contextmanager
+def programs_in_random_order(seed):
+    """Make Triton's interpreter run the programs of every launch in a random order.
+
+    The interpreter runs them one at a time in grid order, so the last program of each channel
+    tile, and the last tile, would always be the same ones. It sets the grid's size and then each
+    program's index on one builder object; this replaces the index by the next one of a shuffled
+    list. For the tests only: the kernels and their launches are untouched.
+    """
+    from triton.runtime import interpreter
+
+    builder, rng, order = interpreter.interpreter_builder, random.Random(seed), []
+    set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def shuffled_dim(nx, ny, nz):
+        set_grid_dim(nx, ny, nz)
+        order[:] = itertools.product(range(nx), range(ny), range(nz))
+        rng.shuffle(order)
+        order.reverse()  # popped from the end
+
+    builder.set_grid_dim = shuffled_dim
+    builder.set_grid_idx = lambda x, y, z: set_grid_idx(*order.pop())
+    try:
+        yield
+    finally:
+        del builder.set_grid_dim, builder.set_grid_idx  # back to the class's methods
+
+
+def _bits(t):
+    """t's bits as integers, so that NaNs compare equal to themselves and -0 differs from 0."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.view(ints) if t.is_floating_point() else t
+
+
+def run_shuffled(layout, shape, dtype_name, seed, expected):
+    """Train a Triton-path layer with every launch's programs shuffled; return where its steps
+    differ from `expected` (the trace in grid order) in a single bit, or leave a ticket held."""
+    dtype = getattr(torch, dtype_name)
+    tri, failures = _layer("triton", shape[1]), []
+    with programs_in_random_order(seed):
+        for (step, x, dy), want in zip(_batches(layout, shape, dtype), expected):
+            got = _snapshot(tri, _train_step(tri, x, dy))
+            failures += _ticket_failures(tri, step)
+            failures += [f"seed {seed}, step {step}: {key} differs from the grid-order run"
+                         for key in want if not torch.equal(_bits(got[key]), _bits(want[key]))]
     return failures
 
 
@@ -148,13 +234,16 @@ def main():
         for key, value in {**defaults, **tiles}.items():
             setattr(mabn_triton, key, value)
         plan = mabn_triton.Plan(shape, layout == "nhwc", LAYER["buffer_size"],
-                                mabn_triton.INTERPRETER_PROGRAMS)
-        start, before = time.perf_counter(), len(calls)
-        failures = run_scenario(layout, shape, dtype)
+                                mabn_triton.INTERPRETER_PROGRAMS, getattr(torch, dtype).itemsize)
+        start, before, trace = time.perf_counter(), len(calls), []
+        failures = run_scenario(layout, shape, dtype, trace)
         report[name] = {"failures": failures, "triton_steps": len(calls) - before,
                         "steps": STEPS - 1, "splits": plan.splits,
-                        "update_blocks": plan.update_blocks,
+                        "reduce_blocks": plan.reduce_blocks, "shuffled": None,
                         "seconds": round(time.perf_counter() - start, 2)}
+        if name in SHUFFLED:
+            report[name]["shuffled"] = [failure for seed in SHUFFLE_SEEDS for failure in
+                                        run_shuffled(layout, shape, dtype, seed, trace)]
     print(json.dumps(report))
 
 

@@ -44,48 +44,87 @@ def test_interpreted_kernels_match_torch_path(interpreted_report, scenario):
     assert result["triton_steps"] == result["steps"]
 
 
-def test_interpreted_scenarios_cover_splits_and_update_loops():
-    # Guards the test's own coverage: several programs per channel, a combine loop over the
-    # partial sums, and more than one loop iteration in the last program's C-sized update.
+@pytest.mark.parametrize("scenario", interpreted.SHUFFLED)
+def test_interpreted_kernels_do_not_depend_on_the_programs_order(interpreted_report, scenario):
+    # Each launch's programs in a random order (several seeds): the same bits, tickets back at 0.
+    shuffled = interpreted_report[scenario]["shuffled"]
+    assert shuffled == [], "\n".join(shuffled)
+
+
+def test_interpreted_scenarios_cover_splits_tiles_and_update_loops():
+    # Guards the test's own coverage: several programs per channel tile, several NHWC channel
+    # tiles, loops over the partial sums and over the ring in the tiles' updates, segments of
+    # NCHW rows with a masked tail, and NCHW rows aligned to more than one element.
     from mabn_det.layers import mabn_triton
 
     saved = {k: getattr(mabn_triton, k) for k in interpreted.SMALL_TILES}
     try:
         for key, value in interpreted.SMALL_TILES.items():
             setattr(mabn_triton, key, value)
-        small = [(layout, shape) for layout, shape, _, tiles in interpreted.SCENARIOS.values()
-                 if tiles]
-        plans = [mabn_triton.Plan(shape, layout == "nhwc", interpreted.LAYER["buffer_size"],
-                                  mabn_triton.INTERPRETER_PROGRAMS) for layout, shape in small]
+        small = [(layout, shape, getattr(torch, dtype))
+                 for layout, shape, dtype, tiles in interpreted.SCENARIOS.values() if tiles]
+        plans = [(mabn_triton.Plan(shape, layout == "nhwc", interpreted.LAYER["buffer_size"],
+                                   mabn_triton.INTERPRETER_PROGRAMS, dtype.itemsize), shape)
+                 for layout, shape, dtype in small]
     finally:
         for key, value in saved.items():
             setattr(mabn_triton, key, value)
-    assert any(p.splits > p.update_blocks["BLOCK_S"] for p in plans)  # combine loop
-    assert any(p.splits > 1 and not p.channels_last for p in plans)
-    assert all(p.update_blocks["BLOCK_C"] < shape[1]  # update loop over channel blocks
-               for p, (_, shape) in zip(plans, small))
+    nchw = [(p, shape) for p, shape in plans if not p.channels_last]
+    nhwc = [p for p, _ in plans if p.channels_last]
+    assert any(p.splits > p.reduce_blocks["BLOCK_S"] for p, _ in plans)  # combine loop
+    assert all(p.reduce_blocks["BLOCK_M"] < interpreted.LAYER["buffer_size"] for p, _ in plans)
+    assert any(p.splits > 1 for p, _ in nchw) and any(p.splits > 1 for p in nhwc)
+    assert any(p.channel_tiles > 1 and p.splits > 1 for p in nhwc)
+    assert any((shape[2] * shape[3]) % p.reduce_blocks["BLOCK_HW"] for p, shape in nchw)
+    assert any(p.row_align > 1 for p, _ in nchw)
+    assert set(interpreted.SHUFFLED) <= set(interpreted.SCENARIOS)
 
 
 # ------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_90.
 # ------------------------------------------------------------------------------------------
 
-def test_every_kernel_variant_compiles_for_sm90_without_spills():
-    aot = pytest.importorskip("tests.layers.mabn_triton_aot")
-    if not os.path.exists(aot.PTXAS):
-        pytest.skip(f"no ptxas at {aot.PTXAS}")
+@pytest.fixture(scope="module")
+def aot():
+    module = pytest.importorskip("tests.layers.mabn_triton_aot")
+    if not os.path.exists(module.PTXAS):
+        pytest.skip(f"no ptxas at {module.PTXAS}")
+    return module
+
+
+def test_every_kernel_variant_compiles_for_sm90_and_keeps_the_ticket_protocol(aot):
+    # Every variant that the R50-FPN shapes launch (stem, res2-res5, box and mask heads; NCHW and
+    # NHWC; float32, float16, bfloat16): no spills, 128-bit loads wherever rows allow them, and
+    # in the PTX the instructions the ticket protocol needs (aot.protocol_problems).
     failures, table = [], []
-    for variant in aot.checked_variants():
+    for variant in aot.all_bench_variants():
         compiled = aot.compile_variant(variant)
         table.append(f"{variant.label}: {compiled.registers} registers, "
                      f"{compiled.spill_bytes} spill bytes, {compiled.vector_loads} vector loads")
         if compiled.spill_bytes:
             failures.append(table[-1])
-        # H·W (NCHW) or C (NHWC) a multiple of 16: the streaming loads are 128-bit.
-        if variant.aligned and compiled.vector_loads == 0:
+        if variant.vectorisable and compiled.vector_loads == 0:
             failures.append(f"{table[-1]}: expected vectorised loads")
+        failures += [f"{variant.label}: {p}" for p in aot.protocol_problems(variant, compiled.ptx)]
     print("\n".join(table))
     assert not failures, "\n".join(failures)
+
+
+def test_protocol_check_finds_a_missing_barrier_ordering_or_reset(aot):
+    variant = next(v for v in aot.all_bench_variants() if v.kernel == "bwd_reduce_nhwc")
+    ptx = aot.compile_variant(variant).ptx
+    assert aot.protocol_problems(variant, ptx) == []
+    lines = ptx.splitlines()
+    ticket = next(i for i, line in enumerate(lines) if "acq_rel.add" in line)
+    barrier = max(i for i in range(ticket) if "bar.sync" in lines[i])
+    broken = {
+        "no barrier": "\n".join(lines[:barrier] + lines[barrier + 1:]),
+        "relaxed ticket": ptx.replace("acq_rel.add", "relaxed.add", 1),
+        "no reset": "\n".join(line for line in lines if ".exch." not in line),
+        "float atomic": ptx.replace("ld.global.cg.", "atom.global.gpu.relaxed.add.f32.", 1),
+    }
+    for what, text in broken.items():
+        assert aot.protocol_problems(variant, text), what
 
 
 # ------------------------------------------------------------------------------------------
