@@ -26,3 +26,11 @@ test: setup
 
 demo: setup
 	$(PY) tools/demo.py
+
+# The GPU checks and measurements of benchmarks/gpu_check.py (about 8 minutes on one H100/H200):
+# with .venv's python when there is one, else python3 (the lent device machine has no .venv);
+# OUT=dir writes the report under dir/gpu_check instead of docs/gpu.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(if $(OUT),--output $(OUT)/gpu_check)
