@@ -31,6 +31,31 @@ def test_without_cuda_says_so_in_one_line_and_fails(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+CHECK_ON_CPU = """
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+import gpu_check
+rows = [gpu_check.check_config((2, 8, 6, 6), torch.float32, torch.contiguous_format, "cpu", 2,
+                               graph=False),
+        gpu_check.check_config((2, 8, 3, 4), torch.bfloat16, torch.channels_last, "cpu", 2,
+                               graph=False)]
+print(json.dumps(rows))
+"""
+
+
+def test_production_checks_pass_on_the_interpreted_kernels():
+    # Section 2's logic (replays from a saved state, tickets, step counter, parity with the
+    # PyTorch path) on tiny inputs, with the kernels run by Triton's CPU interpreter.
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", CHECK_ON_CPU], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert row["failures"] == []
+        assert (row["replays"], row["tickets"], row["iteration"]) == ("2/2", "0", "+1")
+
+
 def test_report_renders_every_section_and_lists_failures(gpu_check, tmp_path):
     report = gpu_check.Report(str(tmp_path), "2026-12-02; a GPU; torch X")
     report.add("tests", {"command": "pytest -k cuda tests/layers", "summary": "20 passed",
