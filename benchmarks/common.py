@@ -6,14 +6,13 @@ directory on sys.path, so they import this module as `common`.
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, Sequence
 
 import torch
 
-from mabn_experiments.runs import markdown_table
+from mabn_experiments.runs import describe_machine, markdown_table
 
 __all__ = ["NORM_KEYS", "machine", "versions", "header", "synchronizer", "median_seconds",
            "time_interleaved", "markdown_table", "add_markdown_argument", "write_markdown"]
@@ -23,21 +22,11 @@ NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def machine(device: str = "cpu") -> str:
-    """The device that ran a measurement: the GPU's name, or the CPU's model and threads."""
+    """The machine a measurement ran on: its CPU (and GPU), plus, for CPU runs, torch's threads."""
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return (f"{_cpu_name()}, {os.cpu_count()} logical CPUs visible, "
-            f"{torch.get_num_threads()} torch threads")
+        return f"{describe_machine()}, CUDA {torch.version.cuda}"
+    return f"{describe_machine()}, {torch.get_num_threads()} torch threads"
 
 
 def versions(*modules: str) -> str:

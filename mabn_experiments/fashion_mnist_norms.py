@@ -39,7 +39,6 @@ import datetime
 import gzip
 import json
 import math
-import os
 import platform
 import shlex
 import socket
@@ -60,7 +59,8 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 from detectron2.layers import Conv2d  # noqa: E402
 from mabn_det.layers import CentredConv2d, MABN2d  # noqa: E402
 from mabn_experiments.plots import bar_chart  # noqa: E402
-from mabn_experiments.runs import markdown_table, mean_and_std, run_in_processes  # noqa: E402
+from mabn_experiments.runs import (describe_machine, markdown_table, mean_and_std,  # noqa: E402
+                                   run_in_processes)
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SIZE = 60_000
@@ -223,17 +223,11 @@ def results_table(rows: list[dict]) -> str:
 
 
 def environment() -> str:
-    """Command, date, host, CPU and library versions, for reproducibility."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
+    """Command, date, host, machine and library versions, for reproducibility."""
     return "\n".join([
         f"command: {shlex.join([sys.executable] + sys.argv)}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"host: {socket.gethostname()}, CPU: {cpu}, {os.cpu_count()} cores",
+        f"host: {socket.gethostname()}, {describe_machine()}",
         f"python {platform.python_version()}, torch {torch.__version__}",
     ])
 
