@@ -2,11 +2,13 @@
 
 A LazyConfig names each norm where the module takes it (``norm=`` of BasicStem, ResNet stages and
 FPN; ``conv_norm=`` of the box and mask heads), and every one of those constructors calls a callable
-norm with the channel count. So MABN is written as one `mabn_norm` node, referenced from each site::
+norm with the channel count. So MABN is written as one `mabn_norm` node, referenced from each site,
+and the model node is made an MABN model with `as_mabn_model`::
 
     from detectron2.config import LazyCall as L
-    from mabn_det.lazy import mabn_norm
+    from mabn_det.lazy import as_mabn_model, mabn_norm
 
+    model = as_mabn_model(model)
     mabn = L(mabn_norm)(buffer_size=16, warmup_iters=100, renorm_warmup_iters=1000)
     model.backbone.bottom_up.stem.norm = "${mabn}"
     model.backbone.bottom_up.stages.norm = "${mabn}"
@@ -15,21 +17,26 @@ norm with the channel count. So MABN is written as one `mabn_norm` node, referen
     model.roi_heads.mask_head.conv_norm = "${mabn}"
     model.backbone.bottom_up.freeze_at = 0
 
-The interpolations keep one set of MABN settings, overridden once (``mabn.buffer_size=8``), and the
-node, unlike a lambda, survives `LazyConfig.save`. After `instantiate(cfg.model)`, call
-`prepare_mabn_model` (tools/lazyconfig_train_net.py does): it centres the convs that feed MABN and
-refuses what cannot train.
+Then ``instantiate(cfg.model)`` alone returns the model that `prepare_mabn_model` has centred and
+checked, so any training loop, Detectron2's own tools/lazyconfig_train_net.py included, trains MABN as the
+paper does. The interpolations keep one set of MABN settings, overridden once
+(``mabn.buffer_size=8``); the model's keys stay where they were (``model.backbone...``). Both nodes
+are plain LazyCalls, so the config survives `LazyConfig.save` and loads back from its YAML.
 """
+import copy
 import dataclasses
 import functools
+from collections import abc
 from typing import Callable
 
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.utils.registry import locate
 from torch import nn
 
 from .layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
 
-__all__ = ["mabn_norm", "prepare_mabn_model"]
+__all__ = ["as_mabn_model", "build_mabn_model", "is_lazy_config", "mabn_norm",
+           "prepare_mabn_model", "stock_lazy_config", "target_callable"]
 
 
 def mabn_norm(**settings) -> Callable[[int], MABN2d]:
@@ -47,26 +54,72 @@ def mabn_norm(**settings) -> Callable[[int], MABN2d]:
     return functools.partial(MABN2d, **dataclasses.asdict(checked))
 
 
-def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Module:
-    """The step after `instantiate(cfg.model)`: centre the convs before MABN, then check the model.
+def as_mabn_model(model: abc.MutableMapping) -> abc.MutableMapping:
+    """Make the LazyConfig model node `model` (an omegaconf DictConfig) build a prepared MABN
+    model, in place.
 
-    Every conv that feeds an MABN layer becomes a CentredConv2d in place (see
-    `CentredConv2d.convert_convs_before_mabn`). A model without MABN2d is returned unchanged.
-
-    Args:
-        model: the instantiated model, before the optimizer is built (its parameters are kept).
-        centred_conv: False keeps plain convs (an ablation; MABN drops the mean subtraction and
-            relies on centred weights).
+    Its ``_target_`` (a meta-architecture such as GeneralizedRCNN) moves to the key
+    ``meta_architecture`` and `build_mabn_model` takes its place; the key ``centred_conv`` (True)
+    is added. Every other key stays where it was, so ``model.backbone.bottom_up.freeze_at=0`` still
+    overrides it. A node already made so is returned unchanged.
 
     Returns:
-        `model`.
+        `model`, for chaining.
+    """
+    if target_callable(model._target_) is build_mabn_model:
+        return model
+    target = model._target_
+    model.meta_architecture = (target if isinstance(target, str)
+                               else f"{target.__module__}.{target.__qualname__}")
+    model.centred_conv = True
+    model._target_ = build_mabn_model
+    return model
+
+
+def build_mabn_model(*, meta_architecture: str | Callable[..., nn.Module],
+                     centred_conv: bool = True, **kwargs) -> nn.Module:
+    """``meta_architecture(**kwargs)``, prepared by `prepare_mabn_model`: the ``_target_`` of a
+    model node made by `as_mabn_model`.
+
+    Args:
+        meta_architecture: the model's class, or its dotted name (as a saved config holds it).
+        centred_conv: see `prepare_mabn_model`.
+        **kwargs: the meta-architecture's arguments (backbone, roi_heads, ...).
+    """
+    model = target_callable(meta_architecture)(**kwargs)
+    return prepare_mabn_model(model, centred_conv=centred_conv)
+
+
+def prepare_mabn_model(model: nn.Module, *, centred_conv: bool | None = None) -> nn.Module:
+    """The step after building a model with MABN2d: centre the convs before MABN, check the model.
+
+    Every conv that feeds an MABN layer becomes a CentredConv2d in place (see
+    `CentredConv2d.convert_convs_before_mabn`). A model without MABN2d keeps its modules. The
+    step is idempotent: preparing a prepared model (e.g. one from ``instantiate(cfg.model)`` of an
+    `as_mabn_model` node) changes nothing.
+
+    Args:
+        model: the built model, before the optimizer is built (its parameters are kept).
+        centred_conv: False keeps plain convs (an ablation; MABN drops the mean subtraction and
+            relies on centred weights). None: as the model was prepared before, True for a model
+            not prepared yet.
+
+    Returns:
+        `model`, with the attribute ``mabn_centred_conv`` recording the choice.
 
     Raises:
         ValueError: an MABN2d that is frozen (its stage has ``freeze_at`` > 0); with
             `centred_conv`, one that is the ``norm`` of a conv that cannot be centred (a deformable
-            conv); or one that a RetinaNet head would share across its FPN levels. Each names the
-            module.
+            conv); one that a RetinaNet head would share across its FPN levels; or a
+            `centred_conv` that contradicts how the model was prepared before. Each names the
+            module or the setting.
     """
+    before = getattr(model, "mabn_centred_conv", None)
+    if centred_conv is None:
+        centred_conv = True if before is None else before
+    elif before is not None and centred_conv != before:
+        raise ValueError(f"the model was prepared with centred_conv={before}, got "
+                         f"centred_conv={centred_conv}; build it again to change that")
     for head_name, head in model.named_modules():
         if isinstance(head, RetinaNetHead):
             _refuse_level_shared_mabn(head_name, head)
@@ -82,7 +135,51 @@ def prepare_mabn_model(model: nn.Module, *, centred_conv: bool = True) -> nn.Mod
             raise ValueError(f"'{name}' ({type(m).__name__}) feeds MABN but cannot be "
                              f"weight-centred as {CentredConv2d.__name__}; use another norm there "
                              "(a deformable conv: set its stage's deform settings off)")
+    model.mabn_centred_conv = centred_conv
     return model
+
+
+def target_callable(target):
+    """The callable of a LazyConfig ``_target_``, which may be its dotted name (as in a config
+    saved and loaded back)."""
+    return locate(target) if isinstance(target, str) else target
+
+
+def is_lazy_config(config_file: str) -> bool:
+    """Whether `config_file` is a LazyConfig: Python, or YAML with a lower-case ``model`` node (as
+    `LazyConfig.save` writes it) where a YAML config of Detectron2's `CfgNode` has ``MODEL``."""
+    if config_file.endswith(".py"):
+        return True
+    with open(config_file) as f:
+        # Top-level keys only: a saved LazyConfig may hold python tags (a ShapeSpec).
+        return "model" in (line.split(":", 1)[0] for line in f if line[:1].isalpha())
+
+
+def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
+    """A copy of the LazyConfig `cfg` (an omegaconf DictConfig) that stock Detectron2
+    instantiates without mabn_det.
+
+    In ``cfg.model``, every `mabn_norm` node (written in place or as "${mabn}") becomes
+    "FrozenBN", and a node made by `as_mabn_model` gets its meta-architecture back as
+    ``_target_``; the top-level ``mabn`` node is removed. Weights converted by
+    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
+    """
+    stock = copy.deepcopy(cfg)
+    _replace_mabn_norms(stock.model)
+    if target_callable(stock.model._target_) is build_mabn_model:
+        stock.model._target_ = stock.model.pop("meta_architecture")
+        stock.model.pop("centred_conv")
+    stock.pop("mabn", None)
+    return stock
+
+
+def _replace_mabn_norms(node: abc.MutableMapping | abc.MutableSequence) -> None:
+    for key in (node.keys() if isinstance(node, abc.Mapping) else range(len(node))):
+        value = node[key]  # an interpolation such as "${mabn}" resolves to its node here
+        if isinstance(value, abc.Mapping) and target_callable(value.get("_target_")) is mabn_norm:
+            node[key] = "FrozenBN"
+        elif isinstance(value, (abc.Mapping, abc.MutableSequence)):
+            _replace_mabn_norms(value)
 
 
 def _refuse_level_shared_mabn(head_name: str, head: RetinaNetHead) -> None:
@@ -94,6 +191,7 @@ def _refuse_level_shared_mabn(head_name: str, head: RetinaNetHead) -> None:
         if isinstance(m, MABN2d) and id(m) not in per_level:
             raise ValueError(
                 f"MABN layer '{head_name}.{name}' would be shared by all FPN levels of the RetinaNet "
-                "head; write model.head.norm = \"BN\" and, after instantiate, call "
-                "PerLevelMABN2d.replace_cycle_batch_norms(model.head, **mabn_settings) before "
-                "prepare_mabn_model, so that each level has its own statistics")
+                "head; write model.head.norm = \"BN\", instantiate the model without "
+                "as_mabn_model, then call PerLevelMABN2d.replace_cycle_batch_norms(model.head, "
+                "**mabn_settings) and prepare_mabn_model(model), so that each level has its own "
+                "statistics")

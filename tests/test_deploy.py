@@ -1,15 +1,17 @@
-"""A converted checkpoint runs in stock Detectron2, without mabn_det, and predicts the same boxes."""
+"""A converted checkpoint runs in stock Detectron2, without mabn_det, and predicts the same boxes:
+from a YAML config, and from a LazyConfig (whose export is a LazyConfig saved as YAML)."""
 import json
 import subprocess
 import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from mabn_det.deploy import export_for_stock_detectron2
-from tests.common import make_cfg, synthetic_image
+from tests.common import LAZY_RECIPES, make_cfg, synthetic_image, tiny_lazy_config
 
 STOCK_PREDICT = r"""
 import json, sys, torch
@@ -53,6 +55,56 @@ def test_converted_checkpoint_predicts_the_same_in_stock_detectron2(tmp_path):
         expected = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
     result = subprocess.run([sys.executable, "-c", STOCK_PREDICT, config, str(tmp_path / "image.pt")],
                             capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(expected) > 0 and len(got["boxes"]) == len(expected)
+    torch.testing.assert_close(torch.tensor(got["boxes"]), expected.pred_boxes.tensor,
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(got["scores"]), expected.scores, rtol=1e-4, atol=1e-5)
+
+
+STOCK_LAZY_PREDICT = r"""
+import json, sys, torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+cfg = LazyConfig.load(sys.argv[1])
+model = instantiate(cfg.model).eval()
+DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+image = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
+assert not any(name.startswith(("mabn_det", "tests")) for name in sys.modules), "mabn_det imported"
+print(json.dumps({"boxes": out.pred_boxes.tensor.tolist(), "scores": out.scores.tolist()}))
+"""
+
+
+def test_converted_lazy_config_checkpoint_predicts_the_same_in_stock_detectron2(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_lazy_config(LAZY_RECIPES[1])
+    cfg.mabn.eps = 0.01  # stock FrozenBN has ε = 1e-5: the export must carry MABN's ε
+    cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
+    model = instantiate(cfg.model)
+    batch = [synthetic_image(boxes=[(8, 8, 30, 28)], seed=s) for s in range(2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with EventStorage():
+        for _ in range(3):  # moves weights and MABN statistics away from their initial values
+            optimizer.zero_grad()
+            sum(model(batch).values()).backward()
+            optimizer.step()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("mabn")
+    config = export_for_stock_detectron2(cfg, str(tmp_path / "mabn.pth"), str(tmp_path / "deploy"))
+    stock = LazyConfig.load(config)
+    assert "mabn" not in stock and stock.model.backbone.norm == "FrozenBN"
+    assert stock.model._target_.endswith("GeneralizedRCNN")
+
+    image = batch[0]["image"]
+    torch.save(image, tmp_path / "image.pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
+    result = subprocess.run([sys.executable, "-c", STOCK_LAZY_PREDICT, config,
+                             str(tmp_path / "image.pt")], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(expected) > 0 and len(got["boxes"]) == len(expected)

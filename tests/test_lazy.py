@@ -1,11 +1,17 @@
-"""MABN in LazyConfig recipes: every norm asked for is an MABN2d after a centred conv, a training
-step with an empty image works, and tools/lazyconfig_train_net.py trains, resumes and evaluates."""
+"""MABN in LazyConfig recipes: `instantiate(cfg.model)` alone gives the centred, checked MABN model,
+every norm asked for is an MABN2d after a centred conv, the configs survive LazyConfig.save, a
+training step with an empty image works, and tools/lazyconfig_train_net.py trains, resumes and
+evaluates (the LSJ recipe with its own augmentation)."""
+import json
 import logging
 import os
 
+import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import transforms as T
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
@@ -13,7 +19,7 @@ from detectron2.utils.events import EventStorage
 
 from mabn_det.engine import LazyTrainer
 from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
-from mabn_det.lazy import mabn_norm, prepare_mabn_model
+from mabn_det.lazy import mabn_norm, prepare_mabn_model, target_callable
 from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
 
 lazyconfig_train_net = load_tool("lazyconfig_train_net")
@@ -38,6 +44,92 @@ def test_recipe_builds_mabn_everywhere_and_trains_a_step(path, batch_with_empty_
     assert torch.isfinite(total)
     total.backward()
     assert all(int(m.iteration) == 1 for m in mabn[:-4])  # the mask head may have seen no RoI
+
+
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_instantiate_alone_gives_the_model_our_trainer_trains(path):
+    """Detectron2's own tools/lazyconfig_train_net.py trains `instantiate(cfg.model)`."""
+    cfg = tiny_lazy_config(path)
+    torch.manual_seed(0)
+    plain = instantiate(cfg.model)
+    torch.manual_seed(0)
+    ours = LazyTrainer.build_model(cfg)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in ours.modules()]
+    normed = [m for m in plain.modules() if isinstance(getattr(m, "norm", None), MABN2d)]
+    assert len(normed) == 36 and all(type(conv) is CentredConv2d for conv in normed)
+    expected = ours.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_prepare_is_idempotent_and_keeps_how_the_model_was_prepared():
+    cfg = tiny_lazy_config(LAZY_RECIPES[0])
+    cfg.model.centred_conv = False  # the ablation, written in the model node
+    model = instantiate(cfg.model)
+    assert not any(isinstance(m, CentredConv2d) for m in model.modules())
+    assert prepare_mabn_model(model) is model  # what LazyTrainer does after instantiate
+    assert not any(isinstance(m, CentredConv2d) for m in model.modules())
+    with pytest.raises(ValueError, match="prepared with centred_conv=False, got centred_conv=True"):
+        prepare_mabn_model(model, centred_conv=True)
+
+    # A user's own model node, without as_mabn_model: the trainer's call prepares it.
+    cfg.model._target_ = target_callable(cfg.model.pop("meta_architecture"))
+    cfg.model.pop("centred_conv")
+    model = instantiate(cfg.model)
+    assert not any(isinstance(m, CentredConv2d) for m in model.modules())
+    prepare_mabn_model(model)
+    assert sum(isinstance(m, CentredConv2d) for m in model.modules()) == 36
+
+
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_saved_config_loads_back_whole_and_builds_the_same_model(path, tmp_path):
+    saved, again = str(tmp_path / "saved.yaml"), str(tmp_path / "again.yaml")
+    LazyConfig.save(LazyConfig.load(path), saved)
+    loaded = LazyConfig.load(saved)
+    LazyConfig.save(loaded, again)
+    assert not os.path.exists(saved + ".pkl")  # save falls back to pickle when YAML fails
+    with open(saved) as a, open(again) as b:
+        assert a.read() == b.read()
+    # The norms still point at the one `mabn` node, so one override reaches every site.
+    assert "norm: ${mabn}" in open(saved).read()
+    assert loaded.model.backbone.norm.buffer_size == 16
+
+    tiny = tiny_lazy_config(path)
+    LazyConfig.save(tiny, saved)
+    original, reloaded = (
+        instantiate(LazyConfig.apply_overrides(cfg, ["mabn.buffer_size=3",
+                                                     "model.backbone.bottom_up.freeze_at=0"]).model)
+        for cfg in (tiny, LazyConfig.load(saved)))
+    # The YAML sorts the keys, so the modules are built in another order from other random draws:
+    # the same modules, shapes and settings, not the same initial values.
+    assert ([(name, type(m)) for name, m in original.named_modules()]
+            == [(name, type(m)) for name, m in reloaded.named_modules()])
+    assert {m.buffer_size for m in reloaded.modules() if isinstance(m, MABN2d)} == {3}
+    assert type(reloaded.backbone.bottom_up.stem.conv1) is CentredConv2d  # still prepared
+    reloaded.load_state_dict(original.state_dict())  # strict: every key and shape matches
+
+
+def test_lsj_model_trains_under_cpu_bfloat16_autocast(batch_with_empty_image):
+    """The LSJ recipe trains with AMP. Detectron2's AMPTrainer needs CUDA (see
+    test_lsj_recipe_trains_through_the_tool); on CPU, PyTorch's bfloat16 autocast runs the same
+    mixed-precision model: convs and MABN inputs in bfloat16, MABN statistics in float32."""
+    torch.manual_seed(0)
+    model = instantiate(tiny_lazy_config(LAZY_RECIPES[1]).model).train()
+    mabn = [m for m in model.modules() if isinstance(m, MABN2d)]
+    input_dtypes = set()
+    for m in mabn:
+        m.register_forward_pre_hook(lambda _, args: input_dtypes.add(args[0].dtype))
+    with EventStorage():
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = model(batch_with_empty_image)
+            total = sum(losses.values())
+            assert torch.isfinite(total), losses
+            total.backward()
+    assert input_dtypes == {torch.bfloat16}
+    for m in mabn[:-4]:  # the mask head may have seen no RoI
+        assert int(m.iteration) == 2 and m.running_var.dtype == torch.float32
+        assert torch.isfinite(m.running_var).all() and torch.isfinite(m.weight.grad).all()
 
 
 class DeformConv(torch.nn.Module):
@@ -90,12 +182,29 @@ def test_lazy_trainer_decays_mabn_parameters_as_norms():
     assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
 
 
-def _write_config(tmp_path, dataset, evaluate=True, **train):
-    """A config file for the tool: the 2x recipe shrunk by tiny_lazy_config, on `dataset`."""
+# The LSJ recipe's own training augmentation (large-scale jitter, then a fixed-size crop, then a
+# flip), at 64 px instead of 1024.
+_LSJ_AUGMENTATION = (
+    "from detectron2.config import LazyConfig\n"
+    "dataloader.train.mapper.augmentations = "
+    "LazyConfig.load(LAZY_RECIPES[1]).dataloader.train.mapper.augmentations\n"
+    "dataloader.train.mapper.augmentations[0].update(target_height=64, target_width=64)\n"
+    "dataloader.train.mapper.augmentations[1].crop_size = (64, 64)\n"
+    # As on COCO: the mapper recomputes boxes from masks, which Detectron2's DatasetMapper cannot
+    # do for an image without annotations.
+    "dataloader.train.dataset.filter_empty = True\n"
+    # The test's dataset holds RLE masks (see test_lsj_recipe_trains_through_the_tool).
+    "dataloader.train.mapper.instance_mask_format = 'bitmask'\n"
+)
+
+
+def _write_config(tmp_path, dataset, evaluate=True, recipe=0, **train):
+    """A config file for the tool: recipe `recipe` of LAZY_RECIPES shrunk by tiny_lazy_config, on
+    `dataset`; the LSJ recipe keeps its own training augmentation."""
     path = tmp_path / f"tiny_mabn_{len(list(tmp_path.glob('*.py')))}.py"
     path.write_text(
         "from tests.common import LAZY_RECIPES, tiny_lazy_config\n"
-        "_cfg = tiny_lazy_config(LAZY_RECIPES[0])\n"
+        f"_cfg = tiny_lazy_config(LAZY_RECIPES[{recipe}])\n"
         "model, dataloader, optimizer, train, lr_multiplier, mabn = (_cfg.model, _cfg.dataloader, "
         "_cfg.optimizer, _cfg.train, _cfg.lr_multiplier, _cfg.mabn)\n"
         f"dataloader.train.dataset.names = {dataset!r}\n"
@@ -108,6 +217,7 @@ def _write_config(tmp_path, dataset, evaluate=True, **train):
         "lr_multiplier.warmup_length = 0.0\n"
         f"train.update({train!r})\n"
         + ("" if evaluate else "del dataloader.evaluator\n")
+        + (_LSJ_AUGMENTATION if recipe == 1 else "")
     )
     return str(path)
 
@@ -143,3 +253,44 @@ def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path, caplog):
     assert int(expected["backbone.bottom_up.stem.conv1.norm.iteration"]) == 6
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+
+
+def _with_rle_masks(json_path, directory):
+    """A copy of the COCO json at `json_path`, in `directory`, with polygon masks as RLE."""
+    data = json.loads(open(json_path).read())
+    size = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
+    for annotation in data["annotations"]:
+        rles = mask_util.frPyObjects(annotation["segmentation"], *size[annotation["image_id"]])
+        rle = mask_util.merge(rles)
+        annotation["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+    path = directory / "instances_rle.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="AMP: Detectron2 0.7.2's AMPTrainer.run_step asserts torch.cuda.is_available(); on CPU "
+           "test_lsj_model_trains_under_cpu_bfloat16_autocast runs the mixed-precision model"))])
+def test_lsj_recipe_trains_through_the_tool(amp, tiny_coco, tmp_path):
+    """The LSJ recipe, shrunk, through tools/lazyconfig_train_net.py with its crop augmentation,
+    and with AMP where AMP can run."""
+    if "tiny_lsj" not in DatasetCatalog.list():
+        # RLE masks: cropping polygons (COCO's format) needs the shapely package, which the
+        # test environment does not install.
+        register_coco_instances("tiny_lsj", {}, _with_rle_masks(tiny_coco[0], tmp_path),
+                                tiny_coco[1])
+    output = tmp_path / "out"
+    config = _write_config(tmp_path, "tiny_lsj", False, recipe=1, output_dir=str(output),
+                           max_iter=2, eval_period=0, log_period=1, checkpointer=dict(period=100),
+                           amp=dict(enabled=amp), device="cuda" if amp else "cpu")
+    cfg = LazyConfig.load(config)
+    assert cfg.train.amp.enabled == amp and cfg.dataloader.train.mapper.recompute_boxes
+    assert ([type(a) for a in instantiate(cfg.dataloader.train.mapper.augmentations)]
+            == [T.ResizeScale, T.FixedSizeCrop, T.RandomFlip])
+
+    _run(config)
+    state = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert int(state["backbone.bottom_up.stem.conv1.norm.iteration"]) == 2
+    for key, value in state.items():
+        assert torch.isfinite(value.float()).all(), key

@@ -1,4 +1,5 @@
-"""tools/predict.py: drawn PNGs and COCO-style JSON, for an MABN model and for its stock export."""
+"""tools/predict.py: drawn PNGs and COCO-style JSON, for an MABN model and for its stock export,
+from a YAML config (with or without MODEL.MABN keys) or a LazyConfig."""
 import json
 
 import numpy as np
@@ -6,13 +7,16 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, instantiate
 from detectron2.modeling import build_model
 from PIL import Image
 
 from mabn_det.deploy import export_for_stock_detectron2
+from mabn_det.layers import MABN2d
 from tests.common import load_tool, make_cfg
 
 predict = load_tool("predict")
+convert_for_deployment = load_tool("convert_for_deployment")
 
 
 def _predict(config, weights, inputs, output, *extra):
@@ -74,3 +78,78 @@ def test_confidence_filters_and_bad_inputs_are_named(mabn_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image"):
         _predict(config, weights, [str(tmp_path / "empty")], str(tmp_path / "x"))
+
+
+def _assert_same_detections(got, expected):
+    assert got and [d["file_name"] for d in got] == [d["file_name"] for d in expected]
+    np.testing.assert_allclose([d["bbox"] for d in got], [d["bbox"] for d in expected], atol=1e-3)
+    np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in expected],
+                               atol=1e-5)
+
+
+def test_yaml_relying_on_the_mabn_defaults_predicts(mabn_checkpoint, tmp_path):
+    """A config that writes NORM: "MABN" and no MODEL.MABN key gets the defaults, as in training."""
+    config, _, images = mabn_checkpoint
+    keys = CfgNode(CfgNode.load_yaml_with_base(config))
+    del keys.MODEL["MABN"]
+    assert keys.MODEL.RESNETS.NORM == "MABN"
+    without = tmp_path / "without_mabn_keys.yaml"
+    without.write_text(keys.dump())
+    cfg = make_cfg(str(without))
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("defaults")
+    (tmp_path / "with_mabn_keys.yaml").write_text(cfg.dump())
+    weights = str(tmp_path / "defaults.pth")
+
+    got = _predict(str(without), weights, [str(images)], str(tmp_path / "a"), "--confidence", "0")
+    expected = _predict(str(tmp_path / "with_mabn_keys.yaml"), weights, [str(images)],
+                        str(tmp_path / "b"), "--confidence", "0")
+    _assert_same_detections(got, expected)
+
+
+LAZY_CONFIG = """
+from detectron2.config import LazyCall as L
+from detectron2.data import transforms as T
+from tests.common import LAZY_RECIPES, tiny_lazy_config
+_cfg = tiny_lazy_config(LAZY_RECIPES[0])
+model, dataloader, optimizer, train, lr_multiplier, mabn = (
+    _cfg.model, _cfg.dataloader, _cfg.optimizer, _cfg.train, _cfg.lr_multiplier, _cfg.mabn)
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=96)]
+"""
+
+
+@pytest.fixture(scope="module")
+def lazy_checkpoint(tmp_path_factory):
+    """(config.py, checkpoint) of a tiny MABN LazyConfig model whose MABN statistics and affine
+    parameters are not their initial values."""
+    from detectron2.config import LazyConfig
+
+    root = tmp_path_factory.mktemp("lazy_predict")
+    config = root / "tiny_mabn.py"
+    config.write_text(LAZY_CONFIG)
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(str(config)).model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MABN2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    DetectionCheckpointer(model, save_dir=str(root)).save("mabn")
+    return str(config), str(root / "mabn.pth")
+
+
+def test_lazy_config_and_its_stock_export_predict_the_same(lazy_checkpoint, mabn_checkpoint,
+                                                           tmp_path):
+    config, weights = lazy_checkpoint
+    images = mabn_checkpoint[2]
+    got = _predict(config, weights, [str(images)], str(tmp_path / "mabn"), "--confidence", "0")
+    assert {d["file_name"].rsplit("/", 1)[-1] for d in got} == {"a.png", "b.jpg"}
+    assert json.loads((tmp_path / "mabn" / "instances.json").read_text()) == got
+
+    export = convert_for_deployment.main(["--config-file", config, "--weights", weights,
+                                          "--output", str(tmp_path / "deploy")])
+    assert predict.is_lazy_config(export)
+    stock = _predict(export, str(tmp_path / "deploy" / "model_final.pth"), [str(images)],
+                     str(tmp_path / "stock"), "--confidence", "0")
+    _assert_same_detections(stock, got)

@@ -8,11 +8,14 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from mabn_det.lazy import mabn_norm
+from mabn_det.lazy import as_mabn_model, mabn_norm
 
 _base = get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
 model, dataloader, optimizer, train, lr_multiplier = (
     _base.model, _base.dataloader, _base.optimizer, _base.train, _base.lr_multiplier)
+# instantiate(model) builds the model, centres the convs that feed MABN and checks it
+# (mabn_det.lazy.as_mabn_model); its keys stay where Detectron2's config has them.
+model = as_mabn_model(model)
 
 # 8 images per GPU on 8 GPUs: m = 16 steps average the statistics of 128 images per GPU. Warm-ups
 # as the paper's (100 steps, renormalisation from 1000 of the 184k steps).

@@ -7,10 +7,11 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from mabn_det.lazy import mabn_norm
+from mabn_det.lazy import as_mabn_model, mabn_norm
 
-_base = get_config("common/models/mask_rcnn_fpn.py")
-model = _base.model
+# instantiate(model) builds the model, centres the convs that feed MABN and checks it
+# (mabn_det.lazy.as_mabn_model); its keys stay where Detectron2's config has them.
+model = as_mabn_model(get_config("common/models/mask_rcnn_fpn.py").model)
 dataloader = get_config("common/data/coco.py").dataloader
 optimizer = get_config("common/optim.py").SGD
 train = get_config("common/train.py").train
