@@ -30,10 +30,12 @@ from collections import abc
 from typing import Callable
 
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.registry import locate
 from torch import nn
 
 from .layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
+from .solver import mabn_optimizer_params
 
 __all__ = ["as_mabn_model", "build_mabn_model", "is_lazy_config", "mabn_norm",
            "prepare_mabn_model", "stock_lazy_config", "target_callable"]
@@ -161,7 +163,8 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
 
     In ``cfg.model``, every `mabn_norm` node (written in place or as "${mabn}") becomes
     "FrozenBN", and a node made by `as_mabn_model` gets its meta-architecture back as
-    ``_target_``; the top-level ``mabn`` node is removed. Weights converted by
+    ``_target_``; the top-level ``mabn`` node is removed, and ``optimizer.params`` built by
+    `mabn_det.solver.mabn_optimizer_params` is built by Detectron2's `get_default_optimizer_params`. Weights converted by
     `mabn_det.layers.convert_to_inference_form` load into the model it builds.
     """
     stock = copy.deepcopy(cfg)
@@ -170,6 +173,9 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
         stock.model._target_ = stock.model.pop("meta_architecture")
         stock.model.pop("centred_conv")
     stock.pop("mabn", None)
+    params = stock.get("optimizer", {}).get("params", {})
+    if target_callable(params.get("_target_")) is mabn_optimizer_params:
+        params._target_ = get_default_optimizer_params  # the same groups without MABN layers
     return stock
 
 

@@ -96,6 +96,7 @@ def test_converted_lazy_config_checkpoint_predicts_the_same_in_stock_detectron2(
     stock = LazyConfig.load(config)
     assert "mabn" not in stock and stock.model.backbone.norm == "FrozenBN"
     assert stock.model._target_.endswith("GeneralizedRCNN")
+    assert not stock.optimizer.params._target_.startswith("mabn_det")
 
     image = batch[0]["image"]
     torch.save(image, tmp_path / "image.pt")

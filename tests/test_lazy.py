@@ -170,16 +170,19 @@ def test_prepare_refuses_a_retinanet_head_sharing_mabn_across_levels():
     assert type(model[0].cls_subnet[0]) is CentredConv2d
 
 
-def test_lazy_trainer_decays_mabn_parameters_as_norms():
-    cfg = tiny_lazy_config(LAZY_RECIPES[0])
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_mabn_parameters_decay_as_norms_with_our_trainer_and_with_detectron2s(path):
+    cfg = tiny_lazy_config(path)
     cfg.optimizer.params.weight_decay_norm = 0.0
     model = LazyTrainer.build_model(cfg)
-    optimizer = LazyTrainer.build_optimizer(cfg, model)
-    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    mabn = next(m for m in model.modules() if isinstance(m, MABN2d))
-    conv = next(m for m in model.modules() if isinstance(m, CentredConv2d))
-    assert decay[id(mabn.weight)] == decay[id(mabn.bias)] == 0.0
-    assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
+    # Detectron2's tools/lazyconfig_train_net.py builds the optimizer so.
+    cfg.optimizer.params.model = model
+    for optimizer in (LazyTrainer.build_optimizer(cfg, model), instantiate(cfg.optimizer)):
+        decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        mabn = next(m for m in model.modules() if isinstance(m, MABN2d))
+        conv = next(m for m in model.modules() if isinstance(m, CentredConv2d))
+        assert decay[id(mabn.weight)] == decay[id(mabn.bias)] == 0.0
+        assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
 
 
 # The LSJ recipe's own training augmentation (large-scale jitter, then a fixed-size crop, then a

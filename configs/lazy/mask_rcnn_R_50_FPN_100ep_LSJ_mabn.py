@@ -9,6 +9,7 @@ from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
 from mabn_det.lazy import as_mabn_model, mabn_norm
+from mabn_det.solver import mabn_optimizer_params
 
 _base = get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
 model, dataloader, optimizer, train, lr_multiplier = (
@@ -26,6 +27,8 @@ model.backbone.bottom_up.stages.norm = "${mabn}"
 model.backbone.norm = "${mabn}"
 model.roi_heads.box_head.conv_norm = "${mabn}"
 model.roi_heads.mask_head.conv_norm = "${mabn}"
+# MABN's γ and β take weight_decay_norm, as Detectron2's norms do, in any training script.
+optimizer.params._target_ = mabn_optimizer_params
 
 # mabn_det's LazyTrainer keys (tools/lazyconfig_train_net.py). Accumulation stays 1: the recipe
 # trains with AMP, which MABN supports (statistics in float32) but accumulation does not.

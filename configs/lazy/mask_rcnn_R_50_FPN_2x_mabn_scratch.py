@@ -8,6 +8,7 @@ from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
 from mabn_det.lazy import as_mabn_model, mabn_norm
+from mabn_det.solver import mabn_optimizer_params
 
 # instantiate(model) builds the model, centres the convs that feed MABN and checks it
 # (mabn_det.lazy.as_mabn_model); its keys stay where Detectron2's config has them.
@@ -27,6 +28,8 @@ model.backbone.bottom_up.stages.norm = "${mabn}"
 model.backbone.norm = "${mabn}"
 model.roi_heads.box_head.conv_norm = "${mabn}"
 model.roi_heads.mask_head.conv_norm = "${mabn}"
+# MABN's γ and β take weight_decay_norm, as Detectron2's norms do, in any training script.
+optimizer.params._target_ = mabn_optimizer_params
 
 # As Base-RCNN-FPN-scratch.yaml: nothing pre-trained, so nothing frozen; stride in the 3x3 conv;
 # Detectron2's default pixel statistics (std 1).
