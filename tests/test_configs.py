@@ -1,8 +1,10 @@
 """Every shipped config merges after add_mabn_config and builds (at tiny sizes, on CPU); MABN's
 settings have one home that the layer, the YAML keys and the LazyConfig factory share."""
+import ast
 import dataclasses
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -96,3 +98,10 @@ def test_grad_accumulation_check_names_the_keys_it_is_given():
                                          r"dataloader.train.total_batch_size \(4\), got 3"):
         check_grad_accumulation(**{**lazy, "steps": ("train.grad_accumulation_steps", 3)})
     check_grad_accumulation(**{**lazy, "amp": ("train.amp.enabled", False)})
+
+
+def test_readme_key_table_shows_the_defaults_of_the_one_home():
+    with open(os.path.join(REPO, "README.md")) as f:
+        rows = re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", f.read(), flags=re.MULTILINE)
+    shown = {key: ast.literal_eval(default.strip()) for key, default in rows}
+    assert shown == dict(load_config().MODEL.MABN)
