@@ -15,7 +15,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import modeling as _  # noqa: F401  (only registration)
 from .config import add_mabn_config, check_mabn_config, load_config
-from .layers import CentredConv2d, MABN2d, PerLevelMABN2d, convert_to_inference_form
+from .layers import (CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d,
+                     convert_to_inference_form)
 
-__all__ = ["CentredConv2d", "MABN2d", "PerLevelMABN2d", "add_mabn_config", "check_mabn_config",
-           "convert_to_inference_form", "load_config"]
+__all__ = ["CentredConv2d", "MABN2d", "MABNSettings", "PerLevelMABN2d", "add_mabn_config",
+           "check_mabn_config", "convert_to_inference_form", "load_config"]
