@@ -78,6 +78,8 @@ def add_mabn_config(cfg: CN) -> None:
     # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
     # each forward sees IMS_PER_BATCH / (GPUs · GRAD_ACCUMULATION_STEPS) images per GPU.
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
+    # Periodic checkpoints kept on disk (the latest ones; model_final.pth is extra); 0 keeps all.
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
 
 
 def load_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CN:
@@ -234,4 +236,5 @@ def stock_inference_config(cfg: CN) -> CN:
         set_key(stock, name_key, STOCK_NAMES.get(name, name))
     del stock.MODEL["MABN"]
     del stock.SOLVER["GRAD_ACCUMULATION_STEPS"]
+    del stock.SOLVER["CHECKPOINT_MAX_TO_KEEP"]
     return stock

@@ -17,7 +17,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
-from mabn_det.engine import LazyTrainer
+from mabn_det.engine.lazy_training import build_lazy_model, build_lazy_optimizer
 from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
 from mabn_det.lazy import mabn_norm, prepare_mabn_model, target_callable
 from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
@@ -28,7 +28,7 @@ lazyconfig_train_net = load_tool("lazyconfig_train_net")
 @pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
 def test_recipe_builds_mabn_everywhere_and_trains_a_step(path, batch_with_empty_image):
     torch.manual_seed(0)
-    model = LazyTrainer.build_model(tiny_lazy_config(path))
+    model = build_lazy_model(tiny_lazy_config(path))
     normed = [m for m in model.modules() if isinstance(m, Conv2d) and m.norm is not None]
     mabn = [m for m in model.modules() if isinstance(m, MABN2d)]
     # R18: stem + 8 blocks x 2 convs + 3 shortcuts; FPN: 4 lateral + 4 output; 4 box, 4 mask convs.
@@ -53,7 +53,7 @@ def test_instantiate_alone_gives_the_model_our_trainer_trains(path):
     torch.manual_seed(0)
     plain = instantiate(cfg.model)
     torch.manual_seed(0)
-    ours = LazyTrainer.build_model(cfg)
+    ours = build_lazy_model(cfg)
     assert [type(m) for m in plain.modules()] == [type(m) for m in ours.modules()]
     normed = [m for m in plain.modules() if isinstance(getattr(m, "norm", None), MABN2d)]
     assert len(normed) == 36 and all(type(conv) is CentredConv2d for conv in normed)
@@ -67,7 +67,7 @@ def test_prepare_is_idempotent_and_keeps_how_the_model_was_prepared():
     cfg.model.centred_conv = False  # the ablation, written in the model node
     model = instantiate(cfg.model)
     assert not any(isinstance(m, CentredConv2d) for m in model.modules())
-    assert prepare_mabn_model(model) is model  # what LazyTrainer does after instantiate
+    assert prepare_mabn_model(model) is model  # what build_lazy_model does after instantiate
     assert not any(isinstance(m, CentredConv2d) for m in model.modules())
     with pytest.raises(ValueError, match="prepared with centred_conv=False, got centred_conv=True"):
         prepare_mabn_model(model, centred_conv=True)
@@ -174,10 +174,10 @@ def test_prepare_refuses_a_retinanet_head_sharing_mabn_across_levels():
 def test_mabn_parameters_decay_as_norms_with_our_trainer_and_with_detectron2s(path):
     cfg = tiny_lazy_config(path)
     cfg.optimizer.params.weight_decay_norm = 0.0
-    model = LazyTrainer.build_model(cfg)
+    model = build_lazy_model(cfg)
     # Detectron2's tools/lazyconfig_train_net.py builds the optimizer so.
     cfg.optimizer.params.model = model
-    for optimizer in (LazyTrainer.build_optimizer(cfg, model), instantiate(cfg.optimizer)):
+    for optimizer in (build_lazy_optimizer(cfg, model), instantiate(cfg.optimizer)):
         decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
         mabn = next(m for m in model.modules() if isinstance(m, MABN2d))
         conv = next(m for m in model.modules() if isinstance(m, CentredConv2d))

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train or evaluate a model described by a Detectron2 LazyConfig (Python) config, MABN or not.
 
-Same arguments as Detectron2's tools/lazyconfig_train_net.py (overrides as key=value), with the
+Detectron2's tools/lazyconfig_train_net.py (same arguments, overrides as key=value), with the
 features of tools/train_net.py: gradient accumulation, exact resume, MABN diagnostics, MABN weight
-decay, PreciseBN for MABN and COCO evaluation (see mabn_det.engine.LazyTrainer for the keys).
+decay, MABN statistics averaged over processes before checkpoints and evaluations, and PreciseBN
+for MABN at evaluation (see mabn_det.engine.lazy_training for the ``train`` keys). With
+``train.device="cpu"`` the model trains in several processes too (DDP without device_ids).
 
     python tools/lazyconfig_train_net.py --num-gpus 8 \
         --config-file configs/lazy/mask_rcnn_R_50_FPN_100ep_LSJ_mabn.py
@@ -11,45 +13,115 @@ decay, PreciseBN for MABN and COCO evaluation (see mabn_det.engine.LazyTrainer f
         train.init_checkpoint=output/model_final.pth
 """
 import argparse
+import os
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup,
+                               default_writers, hooks, launch)
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
 
-from mabn_det.engine import LazyTrainer, update_mabn_stats
+from mabn_det.engine import (GradientAccumulationTrainer, MissingDatasetError, ProcessStates,
+                             check_datasets_on_disk)
+from mabn_det.engine.lazy_training import (accumulation_steps, build_lazy_model,
+                                           build_lazy_optimizer, build_lazy_train_loader,
+                                           evaluate_lazy)
+from mabn_det.engine.sampler import shared_data_seed
+from mabn_det.engine.trainer import unwrap, with_mabn_hooks
 
 
-def do_test(cfg, model):
-    """Evaluate `model` with ``dataloader.test`` and ``dataloader.evaluator``."""
-    return LazyTrainer.test(cfg, model)
+def do_test(cfg, model, seed: int = -1):
+    """Evaluate `model` with ``dataloader.test`` and ``dataloader.evaluator``; PreciseBN for MABN
+    (``train.precise_bn``) draws its batches from the data stream of `seed` (< 0: a random one)."""
+    return evaluate_lazy(cfg, model, shared_data_seed(seed))
+
+
+def ddp_model(cfg, model):
+    """`model` in DDP with ``train.ddp``'s arguments when there are several processes; a CPU model
+    gets no device_ids (which DDP refuses for it) unless ``train.ddp`` names them."""
+    ddp = dict(cfg.train.ddp)
+    if cfg.train.device == "cpu":
+        ddp.setdefault("device_ids", None)
+    return create_ddp_model(model, **ddp)
 
 
 def do_train(args: argparse.Namespace, cfg):
-    """Train `cfg.model` as `cfg` describes, resuming with --resume; returns the last results."""
-    trainer = LazyTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    """Train as `cfg` describes, resuming with --resume; returns the last evaluation results."""
+    steps = accumulation_steps(cfg)
+    model = build_lazy_model(cfg)
+    optimizer = build_lazy_optimizer(cfg, model)
+    seed = shared_data_seed(cfg.train.get("seed", -1))
+    train_loader = build_lazy_train_loader(cfg, seed)
+
+    model = ddp_model(cfg, model)
+    if steps > 1:
+        trainer = GradientAccumulationTrainer(model, train_loader, optimizer, steps)
+    else:
+        trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+            model, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    process_states = ProcessStates(
+        unwrap(model), (cfg.train.checkpointer.period, cfg.train.eval_period), seed)
+    last_results = {}
+
+    def test_and_keep_results():
+        last_results.update(do_test(cfg, model, process_states.data_seed))
+        return last_results
+
+    trainer.register_hooks(with_mabn_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+        if comm.is_main_process() else None,
+        hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                             period=cfg.train.log_period)
+        if comm.is_main_process() else None,
+    ], process_states, unwrap(model), cfg.train.get("mabn_log_period", 20),
+        amp=cfg.train.amp.enabled))
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if start_iter > 0:
+        # The checkpoint's data order, from the position after its iteration.
+        trainer.reset_data_loader(
+            lambda: build_lazy_train_loader(cfg, process_states.data_seed, start_iter))
+    trainer.train(start_iter, cfg.train.max_iter)
+    return last_results or None
 
 
 def main(args: argparse.Namespace):
     """Train (or with --eval-only, evaluate) as described by `args`; runs once per process."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     default_setup(cfg, args)
+    if cfg.train.device == "cpu" and comm.get_local_size() > 1:
+        # Processes sharing the CPU would otherwise each start a thread per core and stall.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     if args.eval_only:
-        model = create_ddp_model(LazyTrainer.build_model(cfg))
+        model = ddp_model(cfg, build_lazy_model(cfg))
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-        precise = cfg.train.get("precise_bn", {})
-        if precise.get("enabled", False):
-            # Re-estimate the MABN statistics of the checkpoint on training batches first.
-            update_mabn_stats(model, LazyTrainer.build_precise_bn_loader(cfg), precise.num_iter)
-        return do_test(cfg, model)
+        return do_test(cfg, model, cfg.train.get("seed", -1))
     return do_train(args, cfg)
+
+
+def dataset_names(cfg):
+    """The dataset names of ``dataloader.train`` and ``dataloader.test``."""
+    names = []
+    for split in ("train", "test"):
+        node = cfg.dataloader.get(split, {}).get("dataset", {}).get("names", [])
+        names += [node] if isinstance(node, str) else list(node)
+    return names
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    try:
+        check_datasets_on_disk(dataset_names(
+            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)))
+    except MissingDatasetError as e:
+        raise SystemExit(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -6,7 +6,7 @@ Same arguments as Detectron2's tools/train_net.py, plus --register-coco NAME JSO
     python tools/train_net.py --config-file configs/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
         --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
-    # the same, with MABN's running_var re-estimated over 200 training batches first:
+    # the same, with MABN's running_var re-estimated over 200 training batches for this evaluation:
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth \
         TEST.PRECISE_BN.ENABLED True TEST.PRECISE_BN.NUM_ITER 200
 """
@@ -22,7 +22,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from mabn_det.config import load_config
-from mabn_det.engine import Trainer, update_mabn_stats
+from mabn_det.engine import MissingDatasetError, Trainer, check_datasets_on_disk
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -56,11 +56,7 @@ def main(args: argparse.Namespace):
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
-        if cfg.TEST.PRECISE_BN.ENABLED:
-            # Re-estimate the MABN statistics of the checkpoint on training batches first.
-            update_mabn_stats(model, Trainer.build_precise_bn_loader(cfg),
-                              cfg.TEST.PRECISE_BN.NUM_ITER)
-        results = Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)  # with TEST.PRECISE_BN: re-estimated for this test
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
@@ -72,5 +68,10 @@ def main(args: argparse.Namespace):
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    cfg = load_config(args.config_file, args.opts)
+    try:
+        check_datasets_on_disk([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+    except MissingDatasetError as e:
+        raise SystemExit(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

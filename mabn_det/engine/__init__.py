@@ -1,14 +1,20 @@
-from .hooks import MABNDiagnostics, PreciseMABN, update_mabn_stats
-from .lazy_trainer import LazyTrainer
+from .evaluation import MissingDatasetError, build_dataset_evaluator, check_datasets_on_disk
+from .hooks import MABNDiagnostics, precise_mabn_statistics, update_mabn_stats
 from .sampler import ResumableTrainingSampler
+from .state import ProcessStates, average_mabn_statistics, preserved_rng
 from .trainer import GradientAccumulationTrainer, Trainer
 
 __all__ = [
     "GradientAccumulationTrainer",
-    "LazyTrainer",
     "MABNDiagnostics",
-    "PreciseMABN",
+    "MissingDatasetError",
+    "ProcessStates",
     "ResumableTrainingSampler",
     "Trainer",
+    "average_mabn_statistics",
+    "build_dataset_evaluator",
+    "check_datasets_on_disk",
+    "precise_mabn_statistics",
+    "preserved_rng",
     "update_mabn_stats",
 ]

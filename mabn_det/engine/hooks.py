@@ -1,8 +1,9 @@
 """Watching MABN during training (diagnostics in the EventStorage, a clear error on NaN), and
-PreciseBN for MABN."""
+PreciseBN for MABN, for evaluation only."""
+import contextlib
 import functools
 import logging
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 from detectron2.engine import HookBase
@@ -12,8 +13,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..layers import MABN2d
+from .state import average_mabn_statistics, preserved_rng
 
-__all__ = ["MABNDiagnostics", "PreciseMABN", "update_mabn_stats"]
+__all__ = ["MABNDiagnostics", "precise_mabn_statistics", "update_mabn_stats"]
 
 
 class MABNDiagnostics(HookBase):
@@ -131,7 +133,7 @@ def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) ->
     mask head without foreground RoIs) or holds a non-finite value does not count for that layer;
     a layer that saw no batch keeps its running_var. Events logged by the model are discarded.
 
-    Each process estimates its own statistics, as each trains its own MABN buffers.
+    Each process estimates its own statistics (`precise_mabn_statistics` averages them).
 
     Args:
         model: an unwrapped model whose training forward takes a batch of `data_loader`.
@@ -191,34 +193,33 @@ def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) ->
             f"iterations and keep their running_var: {', '.join(unseen)}")
 
 
-class PreciseMABN(HookBase):
-    """Detectron2's PreciseBN for MABN2d: `update_mabn_stats` every `period` iterations (before the
-    checkpointer and evaluation) and after the last iteration.
+@contextlib.contextmanager
+def precise_mabn_statistics(model: nn.Module, data_loader: Iterable, num_iter: int) -> Iterator[None]:
+    """PreciseBN for evaluation only: inside, every MABN2d's ``running_var`` is the population
+    statistic of `update_mabn_stats` on `num_iter` batches of `data_loader`, averaged over the
+    processes; on exit every buffer (running_var included), every layer's last r and this process's
+    random generators are what they were on entry, so training goes on as if it never ran.
 
-    Each run starts a fresh iterator of `data_loader`, so the batches it uses depend on the loader
-    alone and a resumed training computes the same statistics.
+        with precise_mabn_statistics(model, loader, 200):
+            results = inference_on_dataset(model, test_loader, evaluator)
+
+    Every process must enter it (the average is a collective).
 
     Args:
-        period: iterations between two runs; 0 runs only after the last iteration.
-        model: the unwrapped model.
-        data_loader: an iterable of training batches (a separate loader from the training one).
-        num_iter: batches per run.
+        model: the unwrapped model (see `update_mabn_stats`).
+        data_loader: training batches; each entry starts a fresh iterator of it.
+        num_iter: batches to average over; must be ≥ 1.
     """
-
-    def __init__(self, period: int, model: nn.Module, data_loader: Iterable, num_iter: int):
-        if num_iter < 1:
-            raise ValueError(f"PreciseBN for MABN needs NUM_ITER ≥ 1, got {num_iter}")
-        self._period = period
-        self._model = model
-        self._data_loader = data_loader
-        self._num_iter = num_iter
-
-    def after_step(self):
-        next_iter = self.trainer.iter + 1
-        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
-            self.update_stats()
-
-    def update_stats(self) -> None:
-        logging.getLogger(__name__).info(
-            f"Running PreciseBN for MABN over {self._num_iter} batches")
-        update_mabn_stats(self._model, self._data_loader, self._num_iter)
+    layers = [m for m in model.modules() if isinstance(m, MABN2d)]
+    training_stats = [m.running_var.clone() for m in layers]
+    try:
+        with preserved_rng():
+            logging.getLogger(__name__).info(
+                f"Running PreciseBN for MABN over {num_iter} batches")
+            update_mabn_stats(model, data_loader, num_iter)
+            average_mabn_statistics(model)
+            yield
+    finally:
+        with torch.no_grad():
+            for m, stats in zip(layers, training_stats):
+                m.running_var.copy_(stats)

@@ -1,31 +1,27 @@
 """The Trainer behind tools/train_net.py (and the demo and norm study beside the package)."""
 import contextlib
-import logging
 import os
-import random
 import time
-import weakref
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import List
 
-import numpy as np
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
-from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import check_mabn_config
 from ..layers import MABN2d
 from ..solver import build_mabn_optimizer
-from .hooks import MABNDiagnostics, PreciseMABN
-from .sampler import ResumableTrainingSampler
+from .evaluation import build_dataset_evaluator
+from .hooks import MABNDiagnostics, precise_mabn_statistics
+from .sampler import resumable_loader_arguments, shared_data_seed
+from .state import ProcessStates, preserved_rng
 
-__all__ = ["GradientAccumulationTrainer", "Trainer", "TrainingSettings", "resumable_sampler"]
+__all__ = ["GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap", "with_mabn_hooks"]
+
+_OURS = object()
 
 
 class GradientAccumulationTrainer(SimpleTrainer):
@@ -60,73 +56,50 @@ class GradientAccumulationTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
-class TrainingSettings(NamedTuple):
-    """What the Trainer reads from a config besides the model, optimizer, data and schedule."""
-
-    output_dir: str
-    weights: str  # loaded when not resuming; "" for none
-    max_iter: int
-    accumulation_steps: int  # micro-batches per optimizer step
-    amp: bool
-    ddp: Dict[str, Any]  # create_ddp_model keyword arguments
-    log_period: int  # MABN diagnostics; 0 for none
-    seed: int | None
-
-
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer, made for MABN models trained from scratch.
 
     On top of DefaultTrainer it: checks the MABN config before building anything; gives MABN2d
     parameters the norm weight decay; accumulates gradients over `SOLVER.GRAD_ACCUMULATION_STEPS`
     micro-batches; logs MABN diagnostics every `MODEL.MABN.LOG_PERIOD` iterations; evaluates with
-    COCO AP (boxes, and masks when MASK_ON); re-estimates MABN's inference statistics before each
-    evaluation with `TEST.PRECISE_BN` (see `PreciseMABN`); and resumes exactly where it stopped: the
-    data stream restarts at the right image and (on rank 0) the random generators are checkpointed.
-    Resume is bit-exact with `DATALOADER.NUM_WORKERS 0` and a fixed `SEED`; with loader workers their
-    augmentation randomness restarts.
+    the evaluators of the dataset's ``evaluator_type`` (see `build_evaluator`); keeps the last
+    `SOLVER.CHECKPOINT_MAX_TO_KEEP` periodic checkpoints; and, in every process:
 
-    A subclass for another kind of config (`LazyTrainer`) overrides `training_settings` and the
-    ``build_*`` methods.
+    - before every checkpoint and evaluation, averages MABN's running_var over the processes
+      (`ProcessStates`: each process keeps training from that mean; its rings and counters stay
+      its own), so the saved model and every process's evaluation use one statistic;
+    - evaluates with `TEST.PRECISE_BN` statistics when enabled (`precise_mabn_statistics`), which
+      serve that evaluation only: checkpoints hold the training state, and training continues
+      bit-identically to a run without PreciseBN;
+    - resumes exactly where it stopped: with SEED < 0 one data-order seed is drawn for all
+      processes at the start and kept in the checkpoint, the data stream restarts at the right
+      image, and every process gets back its own buffers and random-generator states. Resume is
+      bit-exact when the loader holds no state of its own across steps: `DATALOADER.NUM_WORKERS`
+      0 (workers' augmentation randomness restarts), and batches of one aspect-ratio group
+      (`DATALOADER.ASPECT_RATIO_GROUPING` off, or images of one orientation; a group's leftover
+      images are not in the checkpoint).
+
+    Detectron2's DefaultTrainer wraps the model in DDP with ``device_ids``, which DDP refuses for a
+    CPU model: with several processes the model must be on GPUs (tools/lazyconfig_train_net.py,
+    whose ``train.ddp`` is configurable, trains CPU models in several processes).
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except that DDP gets no device_ids on CPU (gloo), and that the
-        # inner loop accumulates gradients when asked to.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        settings = self.training_settings(cfg)
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        model = create_ddp_model(model, **settings.ddp,
-                                 device_ids=[comm.get_local_rank()] if on_gpu else None)
-        if settings.accumulation_steps > 1:
-            self._trainer = GradientAccumulationTrainer(model, data_loader, optimizer,
-                                                        settings.accumulation_steps)
-        else:
-            self._trainer = (AMPTrainer if settings.amp else SimpleTrainer)(
-                model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, settings.output_dir,
-                                                  trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = settings.max_iter
-        self.cfg = cfg
-        self.settings = settings
-        self._pending_rng_state: dict | None = None
-        self.register_hooks(self.build_hooks())
-
-    @classmethod
-    def training_settings(cls, cfg: CfgNode) -> TrainingSettings:
-        """The settings that `cfg` (a YAML config with `cfg.MODEL.MABN`) gives the Trainer."""
-        return TrainingSettings(
-            output_dir=cfg.OUTPUT_DIR, weights=cfg.MODEL.WEIGHTS, max_iter=cfg.SOLVER.MAX_ITER,
-            accumulation_steps=cfg.SOLVER.GRAD_ACCUMULATION_STEPS, amp=cfg.SOLVER.AMP.ENABLED,
-            ddp=dict(broadcast_buffers=False), log_period=cfg.MODEL.MABN.LOG_PERIOD,
-            seed=cfg.SEED if cfg.SEED >= 0 else None)
+        if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+            raise ValueError(
+                f"Trainer cannot train MODEL.DEVICE 'cpu' in {comm.get_world_size()} processes: "
+                "Detectron2's DefaultTrainer gives DistributedDataParallel device_ids, which it "
+                "refuses for CPU models; use GPUs, one process, or tools/lazyconfig_train_net.py "
+                "with train.ddp.device_ids=None")
+        check_mabn_config(cfg)
+        # The data order's seed, decided before DefaultTrainer builds the loader.
+        cfg = _with_seed(cfg, shared_data_seed(cfg.SEED))
+        super().__init__(cfg)
+        steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
+        if steps > 1:
+            inner = self._trainer
+            self._trainer = GradientAccumulationTrainer(inner.model, inner.data_loader,
+                                                        inner.optimizer, steps)
 
     @classmethod
     def build_model(cls, cfg):
@@ -140,21 +113,24 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
         """Micro-batches of IMS_PER_BATCH / GRAD_ACCUMULATION_STEPS images (all GPUs together),
-        starting at iteration `start_iter` of the data stream."""
+        starting at iteration `start_iter` of the data stream, whose order `cfg.SEED` decides
+        (a negative SEED draws one)."""
         micro_cfg = cfg.clone()
         micro_cfg.defrost()
         micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
-        kwargs = build_detection_train_loader.from_config(micro_cfg)
-        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-            kwargs["sampler"] = resumable_sampler(len(kwargs["dataset"]), cfg.SOLVER.IMS_PER_BATCH,
-                                                  cls.training_settings(cfg).seed, start_iter)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(micro_cfg)
+        # A placeholder for ours: building Detectron2's TrainingSampler draws from numpy's generator.
+        kwargs = build_detection_train_loader.from_config(micro_cfg, sampler=_OURS)
+        kwargs.update(resumable_loader_arguments(
+            len(kwargs["dataset"]), cfg.SOLVER.IMS_PER_BATCH, shared_data_seed(cfg.SEED),
+            start_iter))
         return build_detection_train_loader(**kwargs)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+        return build_dataset_evaluator(dataset_name, output_folder, mask_on=cfg.MODEL.MASK_ON)
 
     @classmethod
     def build_precise_bn_loader(cls, cfg: CfgNode):
@@ -165,32 +141,32 @@ class Trainer(DefaultTrainer):
         cfg.DATALOADER.NUM_WORKERS = 0
         return cls.build_train_loader(cfg)
 
-    def build_hooks(self):
-        precise = self.cfg.TEST.PRECISE_BN
-        return self.with_mabn_hooks(
-            super().build_hooks(),
-            (self.cfg.TEST.EVAL_PERIOD, precise.NUM_ITER) if precise.ENABLED else None)
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, with MABN's running_var re-estimated first when
+        `TEST.PRECISE_BN.ENABLED` (restored afterwards), and taking nothing from the random
+        generators."""
+        precise = cfg.TEST.PRECISE_BN
+        with preserved_rng(), contextlib.ExitStack() as statistics:
+            if precise.ENABLED and has_mabn(model):
+                statistics.enter_context(precise_mabn_statistics(
+                    unwrap(model), cls.build_precise_bn_loader(cfg), precise.NUM_ITER))
+            return super().test(cfg, model, evaluators)
 
-    def with_mabn_hooks(self, ret: List[hooks.HookBase], precise_bn: Tuple[int, int] | None):
-        """`ret` with the MABN diagnostics before the PeriodicWriter (each report is then written in
-        the same iteration) and, for `precise_bn` = (period, batches) and a model with MABN2d,
-        `PreciseMABN` after the LRScheduler (before checkpointing and evaluation, where Detectron2
-        puts its PreciseBN)."""
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        if not any(isinstance(m, MABN2d) for m in model.modules()):
-            return ret
-        if self.settings.log_period:
-            diagnostics = MABNDiagnostics(model, self.settings.log_period,
-                                          fail_on_nonfinite=not self.settings.amp)
-            writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
-                             len(ret))
-            ret.insert(writer_at, diagnostics)
-        if precise_bn is not None:
-            period, num_iter = precise_bn
-            scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
-            ret.insert(scheduler_at + 1, PreciseMABN(
-                period, model, self.build_precise_bn_loader(self.cfg), num_iter))
-        return ret
+    def build_hooks(self):
+        """DefaultTrainer's hooks, without its PreciseBN (ours runs inside `test`), with
+        `ProcessStates` before the checkpointer, the checkpointer keeping the last
+        SOLVER.CHECKPOINT_MAX_TO_KEEP, and MABN diagnostics before the writer."""
+        cfg = self.cfg
+        ret = [h for h in super().build_hooks() if not isinstance(h, hooks.PreciseBN)]
+        keep = cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+        ret = [hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                          max_to_keep=keep or None)
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
+        self.process_states = ProcessStates(
+            unwrap(self.model), (cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD), cfg.SEED)
+        return with_mabn_hooks(ret, self.process_states, unwrap(self.model),
+                               cfg.MODEL.MABN.LOG_PERIOD, amp=cfg.SOLVER.AMP.ENABLED)
 
     def train(self):
         """Train; returns the last evaluation results (as DefaultTrainer documents), or None."""
@@ -198,77 +174,50 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     def resume_or_load(self, resume=True):
-        """Resume from the last checkpoint in the output directory if `resume` and there is one (the
-        data stream and random generators included), else load the settings' weights."""
-        self.checkpointer.resume_or_load(self.settings.weights, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
-            # The checkpoint holds the iteration that just finished.
-            self.start_iter = self.iter + 1
-        rng_state, self._pending_rng_state = self._pending_rng_state, None
+        """Resume from the last checkpoint in the output directory if `resume` and there is one
+        (data order, data stream position, every process's buffers and random generators), else
+        load MODEL.WEIGHTS."""
+        super().resume_or_load(resume)
         if self.start_iter > 0:
-            def resumed_loader():
-                loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
-                return loader if rng_state is None else _ResumedDataStream(loader, rng_state)
-            self._trainer.reset_data_loader(resumed_loader)
-        if rng_state is not None:
-            _set_rng_state(rng_state)
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["rng"] = _get_rng_state()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # Other ranks keep their own, differently seeded generators.
-        if "rng" in state_dict and comm.is_main_process():
-            self._pending_rng_state = state_dict["rng"]
+            # The checkpoint's data order, whatever SEED drew this time.
+            self.cfg = _with_seed(self.cfg, self.process_states.data_seed)
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
 
 
-def resumable_sampler(dataset_size: int, images_per_step: int, seed: int | None,
-                      start_iter: int) -> ResumableTrainingSampler:
-    """The training sampler of this process, positioned at optimizer step `start_iter`.
-
-    Args:
-        images_per_step: images per optimizer step, all processes together.
-    """
-    per_rank_images = images_per_step // comm.get_world_size()
-    return ResumableTrainingSampler(dataset_size, seed=seed, start=start_iter * per_rank_images)
-
-
-class _ResumedDataStream:
-    """Iterates `loader` and sets torch's generator to the checkpointed state once the first batch
-    is fetched: starting a DataLoader draws from that generator, which the uninterrupted run did at
-    iteration 0, long before the checkpoint. (Batches use only numpy's generator, restored earlier.)
-    """
-
-    def __init__(self, loader, rng_state: dict):
-        self._loader = loader
-        self._rng_state = rng_state
-
-    def __iter__(self):
-        iterator = iter(self._loader)
-        first = next(iterator)
-        torch.set_rng_state(self._rng_state["torch"])
-        yield first
-        yield from iterator
+def with_mabn_hooks(ret: List[hooks.HookBase], process_states: ProcessStates, model: nn.Module,
+                    log_period: int, *, amp: bool) -> List[hooks.HookBase]:
+    """`ret` (Detectron2's hooks) with `process_states` right after the LR scheduler (before the
+    checkpointer and evaluation) and, for a model with MABN2d and `log_period` > 0, the MABN
+    diagnostics before the PeriodicWriter (each report is then written in the same iteration)."""
+    ret = list(ret)
+    scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
+    ret.insert(scheduler_at + 1, process_states)
+    if log_period and has_mabn(model):
+        writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
+                         len(ret))
+        # Under AMP, the GradScaler produces infinite gradients by design.
+        ret.insert(writer_at, MABNDiagnostics(model, log_period, fail_on_nonfinite=not amp))
+    return ret
 
 
-def _get_rng_state() -> dict:
-    """The generators' states in types that `torch.load(weights_only=True)` accepts."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def has_mabn(model: nn.Module) -> bool:
+    return any(isinstance(m, MABN2d) for m in model.modules())
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper, or `model`."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _with_seed(cfg: CfgNode, seed: int) -> CfgNode:
+    """`cfg` with SEED = `seed` (frozen as `cfg` was)."""
+    if cfg.SEED == seed:
+        return cfg
+    cfg = cfg.clone()
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SEED = seed
+    if was_frozen:
+        cfg.freeze()
+    return cfg

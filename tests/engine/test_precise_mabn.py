@@ -1,16 +1,18 @@
-"""PreciseBN for MABN: running_var becomes the population second moment of each layer's input, and
-nothing else in the model changes; TEST.PRECISE_BN.ENABLED turns it on in the Trainer."""
+"""PreciseBN for MABN: running_var becomes the population second moment of each layer's input,
+for the evaluation only; TEST.PRECISE_BN.ENABLED turns it on in the Trainer's evaluations."""
 import copy
+import logging
+import os
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import hooks
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from mabn_det.engine import PreciseMABN, Trainer, update_mabn_stats
+from mabn_det.engine import hooks as mabn_hooks
+from mabn_det.engine import precise_mabn_statistics, update_mabn_stats
 from mabn_det.layers import MABN2d
 from tests.common import TINY_MABN_CONFIG, load_tool, make_cfg, synthetic_image, train_opts
 
@@ -69,34 +71,67 @@ def test_running_var_is_the_mean_second_moment_and_nothing_else_changes(batch_wi
                for n, m in model.named_modules() if isinstance(m, MABN2d))
 
 
+def test_precise_statistics_serve_inside_and_leave_every_training_state_alone(
+        batch_with_empty_image):
+    model = _trained_model(batch_with_empty_image)
+    batches = [batch_with_empty_image, [synthetic_image(boxes=[(4, 4, 40, 40)], seed=3)]]
+    estimated = copy.deepcopy(model)
+    torch.manual_seed(1)
+    update_mabn_stats(estimated, batches, num_iter=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    renorm_before = {n: m.last_renorm for n, m in model.named_modules() if isinstance(m, MABN2d)}
+
+    torch.manual_seed(1)
+    with precise_mabn_statistics(model, batches, num_iter=2):
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_after = torch.get_rng_state()
+
+    torch.manual_seed(1)
+    assert torch.equal(rng_after, torch.get_rng_state())  # the forwards drew nothing for training
+    for key, value in estimated.state_dict().items():
+        assert torch.equal(inside[key], value), f"{key} is not the precise statistic inside"
+    assert any(not torch.equal(inside[k], before[k]) for k in before if k.endswith("running_var"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+    assert all(m.last_renorm is renorm_before[n]
+               for n, m in model.named_modules() if isinstance(m, MABN2d))
+
+
 @pytest.fixture(scope="module")
 def tiny_precise(tiny_coco):
     register_coco_instances("tiny_precise", {}, *tiny_coco)
     return "tiny_precise"
 
 
-def test_trainer_runs_precise_mabn_before_checkpointing(tiny_precise, tmp_path):
-    cfg = make_cfg(opts=train_opts(str(tmp_path), "tiny_precise", **{
-        "SOLVER.MAX_ITER": 2, "TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2}))
-    trainer = Trainer(cfg)
-    kinds = [type(h) for h in trainer._hooks]
-    assert hooks.PreciseBN not in kinds  # Detectron2's finds no BatchNorm and is not added
-    assert kinds.index(PreciseMABN) < kinds.index(hooks.PeriodicCheckpointer)
-    calls = []
-    precise = trainer._hooks[kinds.index(PreciseMABN)]
-    precise.update_stats = lambda: calls.append(trainer.iter)
-    trainer.train()
-    assert calls == [1]  # after the last iteration (EVAL_PERIOD 0)
+def test_precise_bn_changes_neither_training_nor_checkpoints(tiny_precise, tmp_path, caplog):
+    """Evaluations at iterations 2 and 4 (the last), with and without PreciseBN."""
+    caplog.set_level(logging.INFO, logger="mabn_det")
+    train_net = load_tool("train_net")
+    finals = {}
+    for precise in (False, True):
+        out = str(tmp_path / f"precise_{precise}")
+        opts = train_opts(out, tiny_precise, **{
+            "SOLVER.MAX_ITER": 4, "TEST.EVAL_PERIOD": 2, "DATASETS.TEST": f"('{tiny_precise}',)",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
+            "TEST.PRECISE_BN.ENABLED": precise, "TEST.PRECISE_BN.NUM_ITER": 2})
+        train_net.main(train_net.argument_parser().parse_args(
+            ["--config-file", TINY_MABN_CONFIG, *opts]))
+        finals[precise] = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
+                                     weights_only=False)["model"]
+    assert caplog.text.count("Running PreciseBN for MABN over 2 batches") == 2
+    assert finals[True].keys() == finals[False].keys()
+    for key, value in finals[False].items():
+        assert torch.equal(finals[True][key], value), f"{key} differs with PreciseBN"
 
 
-def test_eval_only_re_estimates_before_evaluating(tiny_precise, tmp_path, monkeypatch):
+def test_eval_only_re_estimates_for_the_evaluation(tiny_precise, tmp_path, monkeypatch):
     train_net = load_tool("train_net")
     opts = train_opts(str(tmp_path), tiny_precise, **{
         "MODEL.WEIGHTS": str(tmp_path / "mabn.pth"), "TEST.PRECISE_BN.ENABLED": True,
         "TEST.PRECISE_BN.NUM_ITER": 3})
     DetectionCheckpointer(build_model(make_cfg(opts=opts)), save_dir=str(tmp_path)).save("mabn")
     calls = []
-    monkeypatch.setattr(train_net, "update_mabn_stats",
+    monkeypatch.setattr(mabn_hooks, "update_mabn_stats",
                         lambda model, loader, num_iter: calls.append((next(iter(loader)), num_iter)))
     train_net.main(train_net.argument_parser().parse_args([
         "--eval-only", "--config-file", TINY_MABN_CONFIG, *opts]))

@@ -1,0 +1,41 @@
+"""The COCO path: each dataset scored by the evaluators of its kind, and a missing dataset stopped
+before training with one message."""
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
+
+from mabn_det.engine import Trainer
+from tests.common import REPO, make_cfg
+
+
+def test_panoptic_datasets_get_panoptic_semantic_and_coco_evaluators(tiny_coco, tmp_path):
+    """As Detectron2's tools/train_net.py chooses for evaluator_type "coco_panoptic_seg"."""
+    name = "tiny_panoptic_eval"
+    DatasetCatalog.register(name, lambda: [{"file_name": "0.png", "sem_seg_file_name": "0_s.png"}])
+    MetadataCatalog.get(name).set(
+        evaluator_type="coco_panoptic_seg", json_file=tiny_coco[0], image_root=tiny_coco[1],
+        stuff_classes=["things", "sky"], ignore_label=255, thing_classes=["a", "b"],
+        thing_dataset_id_to_contiguous_id={1: 0, 2: 1}, stuff_dataset_id_to_contiguous_id={3: 1})
+    evaluators = Trainer.build_evaluator(make_cfg(), name, str(tmp_path))
+    assert sorted(type(e).__name__ for e in evaluators._evaluators) == sorted(
+        c.__name__ for c in (COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator))
+
+
+@pytest.mark.parametrize("tool, config", [
+    ("train_net.py", "configs/panoptic_fpn_R_50_2x_mabn_scratch.yaml"),
+    ("lazyconfig_train_net.py", "configs/lazy/mask_rcnn_R_50_FPN_2x_mabn_scratch.py"),
+])
+def test_missing_coco_stops_before_training_with_one_message(tool, config, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path), PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", tool),
+                             "--config-file", os.path.join(REPO, config)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"$DETECTRON2_DATASETS (it is '{tmp_path}')" in result.stderr
+    assert os.path.join(str(tmp_path), "coco/annotations/instances_train2017.json") in result.stderr
+    assert "coco/{train,val}2017/" in result.stderr
