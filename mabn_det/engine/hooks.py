@@ -194,7 +194,8 @@ def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) ->
 
 
 @contextlib.contextmanager
-def precise_mabn_statistics(model: nn.Module, data_loader: Iterable, num_iter: int) -> Iterator[None]:
+def precise_mabn_statistics(model: nn.Module, data_loader: Iterable,
+                            num_iter: int) -> Iterator[None]:
     """PreciseBN for evaluation only: inside, every MABN2d's ``running_var`` is the population
     statistic of `update_mabn_stats` on `num_iter` batches of `data_loader`, averaged over the
     processes; on exit every buffer (running_var included), every layer's last r and this process's

@@ -35,7 +35,8 @@ def set_rng_state(state: dict) -> None:
     """Restore what `get_rng_state` returned."""
     random.setstate(state["python"])
     keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    np.random.set_state(
+        ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

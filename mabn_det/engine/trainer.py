@@ -120,7 +120,8 @@ class Trainer(DefaultTrainer):
         micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             return build_detection_train_loader(micro_cfg)
-        # A placeholder for ours: building Detectron2's TrainingSampler draws from numpy's generator.
+        # A placeholder for ours: building Detectron2's TrainingSampler draws from numpy's
+        # generator.
         kwargs = build_detection_train_loader.from_config(micro_cfg, sampler=_OURS)
         kwargs.update(resumable_loader_arguments(
             len(kwargs["dataset"]), cfg.SOLVER.IMS_PER_BATCH, shared_data_seed(cfg.SEED),

@@ -132,7 +132,7 @@ def test_eval_only_re_estimates_for_the_evaluation(tiny_precise, tmp_path, monke
     DetectionCheckpointer(build_model(make_cfg(opts=opts)), save_dir=str(tmp_path)).save("mabn")
     calls = []
     monkeypatch.setattr(mabn_hooks, "update_mabn_stats",
-                        lambda model, loader, num_iter: calls.append((next(iter(loader)), num_iter)))
+                        lambda model, loader, n: calls.append((next(iter(loader)), n)))
     train_net.main(train_net.argument_parser().parse_args([
         "--eval-only", "--config-file", TINY_MABN_CONFIG, *opts]))
     (batch, num_iter), = calls
