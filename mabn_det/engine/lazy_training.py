@@ -19,6 +19,7 @@ import copy
 import logging
 
 from detectron2.config import instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
@@ -27,9 +28,13 @@ from ..config import check_grad_accumulation
 from ..lazy import prepare_mabn_model, target_callable
 from ..solver import mabn_optimizer_params
 from .hooks import precise_mabn_statistics
-from .sampler import resumable_loader_arguments
+from .sampler import build_resumable_train_loader
 from .state import preserved_rng
 from .trainer import has_mabn, unwrap
+
+# The build_detection_train_loader arguments that build_resumable_train_loader takes too.
+_RESUMABLE_ARGUMENTS = {"dataset", "mapper", "sampler", "total_batch_size",
+                        "aspect_ratio_grouping", "num_workers", "collate_fn"}
 
 __all__ = ["accumulation_steps", "build_lazy_model", "build_lazy_optimizer",
            "build_lazy_train_loader", "evaluate_lazy"]
@@ -71,22 +76,25 @@ def build_lazy_optimizer(cfg, model):
 
 def build_lazy_train_loader(cfg, seed: int, start_iter: int = 0, *, num_workers=None):
     """Micro-batches of total_batch_size / grad_accumulation_steps images (all processes
-    together) from iteration `start_iter` of the data stream of `seed`. Exact resume needs
-    ``dataloader.train`` to be a `build_detection_train_loader` without a ``sampler`` of its own.
+    together) from iteration `start_iter` of the data stream of `seed`
+    (`build_resumable_train_loader`), when ``dataloader.train`` is a
+    `build_detection_train_loader` with no sampler of its own and no other arguments; otherwise
+    ``dataloader.train`` as it is written (a resume then restarts its stream).
 
     Args:
         num_workers: overrides ``dataloader.train.num_workers`` when given.
     """
     node = cfg.dataloader.train
     kwargs = {key: instantiate(value) for key, value in node.items() if key != "_target_"}
-    images_per_step = kwargs["total_batch_size"]
-    kwargs["total_batch_size"] = images_per_step // accumulation_steps(cfg)
+    steps = accumulation_steps(cfg)
+    kwargs["total_batch_size"] //= steps
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    if kwargs.get("sampler") is None:
-        kwargs.update(resumable_loader_arguments(len(kwargs["dataset"]), images_per_step, seed,
-                                                 start_iter))
-    return target_callable(node._target_)(**kwargs)
+    if (target_callable(node._target_) is not build_detection_train_loader
+            or kwargs.get("sampler") is not None or not set(kwargs) <= _RESUMABLE_ARGUMENTS):
+        return target_callable(node._target_)(**kwargs)
+    kwargs.pop("sampler", None)
+    return build_resumable_train_loader(**kwargs, seed=seed, start_batch=start_iter * steps)
 
 
 def evaluate_lazy(cfg, model, seed: int):

@@ -16,7 +16,7 @@ from ..layers import MABN2d
 from ..solver import build_mabn_optimizer
 from .evaluation import build_dataset_evaluator
 from .hooks import MABNDiagnostics, precise_mabn_statistics
-from .sampler import resumable_loader_arguments, shared_data_seed
+from .sampler import build_resumable_train_loader, shared_data_seed
 from .state import ProcessStates, preserved_rng
 
 __all__ = ["GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap", "with_mabn_hooks"]
@@ -71,13 +71,14 @@ class Trainer(DefaultTrainer):
     - evaluates with `TEST.PRECISE_BN` statistics when enabled (`precise_mabn_statistics`), which
       serve that evaluation only: checkpoints hold the training state, and training continues
       bit-identically to a run without PreciseBN;
-    - resumes exactly where it stopped: with SEED < 0 one data-order seed is drawn for all
-      processes at the start and kept in the checkpoint, the data stream restarts at the right
-      image, and every process gets back its own buffers and random-generator states. Resume is
-      bit-exact when the loader holds no state of its own across steps: `DATALOADER.NUM_WORKERS`
-      0 (workers' augmentation randomness restarts), and batches of one aspect-ratio group
-      (`DATALOADER.ASPECT_RATIO_GROUPING` off, or images of one orientation; a group's leftover
-      images are not in the checkpoint).
+    - resumes where it stopped: with SEED < 0 one data-order seed is drawn for all processes at
+      the start and kept in the checkpoint; the data stream (`build_resumable_train_loader`, for
+      `DATALOADER.SAMPLER_TRAIN` "TrainingSampler") restarts at the next batch with the same
+      augmentations, whatever `DATALOADER.NUM_WORKERS`; and every process gets back its own
+      buffers and random-generator states, provided it resumes with as many processes. The
+      resumed run then computes what the uninterrupted one would have; its results are
+      bit-identical where the kernels are deterministic (CPU; on GPU, cuDNN and Detectron2's
+      ROIAlign backward are not).
 
     Detectron2's DefaultTrainer wraps the model in DDP with ``device_ids``, which DDP refuses for a
     CPU model: with several processes the model must be on GPUs (tools/lazyconfig_train_net.py,
@@ -120,13 +121,13 @@ class Trainer(DefaultTrainer):
         micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             return build_detection_train_loader(micro_cfg)
-        # A placeholder for ours: building Detectron2's TrainingSampler draws from numpy's
+        # A placeholder for our stream: building Detectron2's TrainingSampler draws from numpy's
         # generator.
         kwargs = build_detection_train_loader.from_config(micro_cfg, sampler=_OURS)
-        kwargs.update(resumable_loader_arguments(
-            len(kwargs["dataset"]), cfg.SOLVER.IMS_PER_BATCH, shared_data_seed(cfg.SEED),
-            start_iter))
-        return build_detection_train_loader(**kwargs)
+        del kwargs["sampler"]
+        return build_resumable_train_loader(
+            **kwargs, seed=shared_data_seed(cfg.SEED),
+            start_batch=start_iter * cfg.SOLVER.GRAD_ACCUMULATION_STEPS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
