@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import traceback
+from importlib import metadata
 from typing import Callable, Dict, List
 
 import torch
@@ -411,6 +412,13 @@ def run_maskrcnn(iters: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def _distribution_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "gpu"),
@@ -423,9 +431,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print(f"gpu-check: no CUDA device visible to torch {torch.__version__}; nothing was run.")
         return 2
-    import triton
-
-    title = (f"{common.header('cuda')}, Triton {triton.__version__}; "
+    # The version only: Triton itself is MABN2d's to import (mabn_det[triton]).
+    title = (f"{common.header('cuda')}, Triton {_distribution_version('triton')}; "
              f"`python benchmarks/gpu_check.py`")
     print(title, flush=True)
     report = Report(args.output, title)
