@@ -123,11 +123,11 @@ def protocol_problems(variant: Variant, ptx: str) -> List[str]:
     """What the PTX of a kernel lacks of the ticket protocol; [] when nothing.
 
     A reduction takes two tickets (its channel tile's, then the layer's in the tile's last
-    program), each an acquire-release integer add preceded by a block barrier with no global
-    memory access between them; reads the partial sums of other programs with .cg loads (L2, not a
-    stale L1 line), after a barrier that follows the ticket (the ticket is drawn by one thread and
-    broadcast); and puts both tickets back to 0 with an atomic exchange. No other atomics: no float
-    atomics anywhere. The element-wise kernels have no atomics at all.
+    program), each an acquire-release integer add by a single (predicated) thread, preceded by a
+    block barrier with no global memory access between them; reads the partial sums of other
+    programs with .cg loads (L2, not a stale L1 line), after a barrier that follows the ticket
+    (which is broadcast through shared memory); and puts both tickets back to 0 with an atomic
+    exchange. No other atomics: no float atomics anywhere. The element-wise kernels have none.
     """
     lines = [line.split("//")[0] for line in ptx.splitlines()]
     atomics = [i for i, line in enumerate(lines) if _ANY_ATOMIC.search(line)]
@@ -141,6 +141,10 @@ def protocol_problems(variant: Variant, ptx: str) -> List[str]:
         problems.append(f"expected 2 acq_rel ticket adds, 2 exchanges and nothing else, found "
                         f"{len(tickets)}, {len(resets)} and {others}")
     for i in tickets:
+        # A scalar atomic runs in one thread (a predicate on the thread index), whose result the
+        # others read from shared memory; unpredicated, every thread would draw a ticket.
+        if not re.match(r"\s*@%p\d+\s", lines[i]):
+            problems.append(f"the ticket at PTX line {i + 1} is not drawn by a single thread")
         before = next((j for j in range(i - 1, -1, -1)
                        if _BARRIER.search(lines[j]) or _GLOBAL_ACCESS.search(lines[j])), None)
         if before is None or not _BARRIER.search(lines[before]):

@@ -5,6 +5,7 @@ Triton reads the variable when the kernels are defined) and are compiled ahead o
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ def test_every_kernel_variant_compiles_for_sm90_and_keeps_the_ticket_protocol(ao
     assert not failures, "\n".join(failures)
 
 
-def test_protocol_check_finds_a_missing_barrier_ordering_or_reset(aot):
+def test_protocol_check_finds_a_broken_ticket_protocol(aot):
     variant = next(v for v in aot.all_bench_variants() if v.kernel == "bwd_reduce_nhwc")
     ptx = aot.compile_variant(variant).ptx
     assert aot.protocol_problems(variant, ptx) == []
@@ -120,6 +121,8 @@ def test_protocol_check_finds_a_missing_barrier_ordering_or_reset(aot):
     broken = {
         "no barrier": "\n".join(lines[:barrier] + lines[barrier + 1:]),
         "relaxed ticket": ptx.replace("acq_rel.add", "relaxed.add", 1),
+        "every thread draws": "\n".join(lines[:ticket] + [re.sub(r"@%p\d+\s+", "", lines[ticket])]
+                                         + lines[ticket + 1:]),
         "no reset": "\n".join(line for line in lines if ".exch." not in line),
         "float atomic": ptx.replace("ld.global.cg.", "atom.global.gpu.relaxed.add.f32.", 1),
     }
