@@ -2,7 +2,7 @@
 """The first minutes of a GPU: are MABN2d's fused Triton kernels right, and how fast are they?
 
     make gpu-check                     # .venv's python (else python3); writes docs/gpu/gpu_check.*
-    python benchmarks/gpu_check.py --output DIR --sections checks kernels
+    python benchmarks/gpu_check.py --output DIR --sections checks kernels --shapes res2 res5
 
 On the lent device machine (torch 2.11, Triton 3.6, no .venv; see the header of
 /work/shared/tools/device-prep.sh): run `bash ../shared/tools/device-prep.sh` once in the
@@ -282,9 +282,9 @@ def check_config(shape, dtype, layout, device: str = "cuda", replays: int = REPL
     return out
 
 
-def run_checks() -> dict:
+def run_checks(shapes: List[str]) -> dict:
     rows, failures = [], []
-    for name, shape, dtype_name, layout_name in _configs():
+    for name, shape, dtype_name, layout_name in _configs(shapes):
         row = {"shape": name, "dtype": dtype_name, "layout": layout_name}
         try:
             row.update(check_config(shape, DTYPES[dtype_name], LAYOUTS[layout_name]))
@@ -300,8 +300,8 @@ def run_checks() -> dict:
     return {"rows": rows, "failures": failures}
 
 
-def _configs():
-    return [(name, shape, dtype_name, layout_name) for name, shape in SHAPES.items()
+def _configs(shapes: List[str]):
+    return [(name, SHAPES[name], dtype_name, layout_name) for name in shapes
             for dtype_name in DTYPES for layout_name in LAYOUTS]
 
 
@@ -368,9 +368,9 @@ def time_layers(shape, dtype, layout, steps: int = 20) -> dict:
     return row
 
 
-def run_kernel_timings() -> dict:
+def run_kernel_timings(shapes: List[str]) -> dict:
     rows, failures = [], []
-    for name, shape, dtype_name, layout_name in _configs():
+    for name, shape, dtype_name, layout_name in _configs(shapes):
         row = {"shape": name, "dtype": dtype_name, "layout": layout_name}
         row.update(time_layers(shape, DTYPES[dtype_name], LAYOUTS[layout_name]))
         if "unexpected_kernels" in row:
@@ -425,6 +425,9 @@ def main(argv=None) -> int:
                         help="where gpu_check.md and gpu_check.json go (default: docs/gpu)")
     parser.add_argument("--sections", nargs="+", default=["tests", "checks", "kernels", "maskrcnn"],
                         choices=["tests", "checks", "kernels", "maskrcnn"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        metavar="SHAPE",
+                        help=f"the shapes of sections 2 and 3 (default: all, {list(SHAPES)})")
     parser.add_argument("--test-timeout", type=int, default=240)
     parser.add_argument("--iters", type=int, default=10, help="Mask R-CNN iterations timed")
     args = parser.parse_args(argv)
@@ -436,8 +439,10 @@ def main(argv=None) -> int:
              f"`python benchmarks/gpu_check.py`")
     print(title, flush=True)
     report = Report(args.output, title)
-    sections = {"tests": lambda: run_cuda_tests(args.test_timeout), "checks": run_checks,
-                "kernels": run_kernel_timings, "maskrcnn": lambda: run_maskrcnn(args.iters)}
+    sections = {"tests": lambda: run_cuda_tests(args.test_timeout),
+                "checks": lambda: run_checks(args.shapes),
+                "kernels": lambda: run_kernel_timings(args.shapes),
+                "maskrcnn": lambda: run_maskrcnn(args.iters)}
     began = time.perf_counter()
     for name in args.sections:
         print(f"{name} ({time.perf_counter() - began:.0f} s)", flush=True)
