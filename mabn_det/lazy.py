@@ -18,10 +18,10 @@ and the model node is made an MABN model with `as_mabn_model`::
     model.backbone.bottom_up.freeze_at = 0
 
 Then ``instantiate(cfg.model)`` alone returns the model that `prepare_mabn_model` has centred and
-checked, so any training loop, Detectron2's own tools/lazyconfig_train_net.py included, trains MABN as the
-paper does. The interpolations keep one set of MABN settings, overridden once
-(``mabn.buffer_size=8``); the model's keys stay where they were (``model.backbone...``). Both nodes
-are plain LazyCalls, so the config survives `LazyConfig.save` and loads back from its YAML.
+checked, so any training loop, Detectron2's own tools/lazyconfig_train_net.py included, trains MABN
+as the paper does. The interpolations keep one set of MABN settings, overridden once
+(``mabn.buffer_size=8``); the model's keys stay where they were (``model.backbone...``). Both
+nodes are plain LazyCalls, so the config survives `LazyConfig.save` and loads back from its YAML.
 """
 import copy
 import dataclasses
@@ -163,9 +163,9 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
 
     In ``cfg.model``, every `mabn_norm` node (written in place or as "${mabn}") becomes
     "FrozenBN", and a node made by `as_mabn_model` gets its meta-architecture back as
-    ``_target_``; the top-level ``mabn`` node is removed, and ``optimizer.params`` built by
-    `mabn_det.solver.mabn_optimizer_params` is built by Detectron2's `get_default_optimizer_params`. Weights converted by
-    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
+    ``_target_``; the top-level ``mabn`` node is removed, and an ``optimizer.params`` node of
+    `mabn_det.solver.mabn_optimizer_params` becomes Detectron2's `get_default_optimizer_params`.
+    Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model it builds.
     """
     stock = copy.deepcopy(cfg)
     _replace_mabn_norms(stock.model)
