@@ -476,12 +476,13 @@ def _dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def tickets(module, device: torch.device) -> torch.Tensor:
     """The int32 tickets of a module on a device, zero between launches: row 0 for K1, row 1 for
-    K3; in each, the layer's ticket and then one per channel tile (at most C)."""
+    K3; in each, the layer's ticket and then one per channel tile (at most C). Rows are padded to
+    16 bytes, so that both start as aligned as the kernels were compiled for."""
     store = module.__dict__.setdefault("_triton_tickets", {})
     ticket = store.get(device)
     if ticket is None:
-        ticket = store[device] = torch.zeros(2, 1 + module.num_features, dtype=torch.int32,
-                                             device=device)
+        width = 4 * triton.cdiv(1 + module.num_features, 4)
+        ticket = store[device] = torch.zeros(2, width, dtype=torch.int32, device=device)
     return ticket
 
 
