@@ -32,7 +32,9 @@ def run_as_completed(fn: Callable[[Task], Result], tasks: Sequence[Task], jobs: 
     thread pools are process-global. `fn` must be importable (defined at module level).
     """
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    # One task per worker: a reused worker would carry over the last run's loggers and catalogs.
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
         futures = {pool.submit(fn, task): index for index, task in enumerate(tasks)}
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
                            desc=desc, unit="run"):

@@ -411,10 +411,17 @@ def write_report(results_dir: str) -> List[str]:
                   "statistics (evaluation only; the training is the same run):", "",
                   markdown_table(["arm", "seeds", "box AP", "box AP, PreciseBN", "mask AP",
                                   "mask AP, PreciseBN"], precise_rows)]
-    lines += ["", "Runs: " + "; ".join(
-        f"{r['arm']} seed {r['seed']}: {r['date']}, {r['machine']}, {r['threads']} thread(s), "
-        f"{r['wall_seconds'] / 60:.0f} min" for r in records), "",
-        "![AP against iterations](ap_curves.png)", ""]
+    commands = sorted({r.get("command", "?") for r in records})
+    lines += ["", "The runs (wall time: the training with its evaluations, summed over the sessions "
+              "of a resumed run; the machine may have been busy with other work, which changes "
+              "times but not results):", "",
+              markdown_table(["arm", "seed", "date", "machine", "threads", "wall time",
+                              "s/iteration"],
+                             [[r["arm"], r["seed"], r["date"], r["machine"], r["threads"],
+                               f"{r['wall_seconds'] / 60:.0f} min",
+                               f"{r['seconds_per_iteration']:.2f}"] for r in records]),
+              "", "Command: " + ", ".join(f"`{c}`" for c in commands) + ".", "",
+              "![AP against iterations](ap_curves.png)", ""]
     paths = [os.path.join(results_dir, name) for name in REPORT_FILES]
     with open(paths[0], "w") as f:
         f.write("\n".join(lines))

@@ -5,6 +5,7 @@ Usage:
     python tools/make_shapes.py --out datasets/shapes --train 2000 --val 500 --size 128 --seed 0
     python tools/make_shapes.py --style simple ...   # fewer, larger objects, no clutter
     python tools/make_shapes.py --style demo ...     # 3 classes told apart by outline and colour
+    python tools/make_shapes.py --style study ...    # the demo's scenes, strong per-image photometry
 
 Writes OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json. Equal arguments give
 byte-identical files. ``mabn_experiments.shapes.register_shapes_datasets()`` registers
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="random seed; equal seeds give identical files (default: %(default)s)")
     parser.add_argument("--style", choices=sorted(SCENE_STYLES), default="standard",
                         help="standard: crowded, small objects, clutter; simple: fewer, larger "
-                        "objects; demo: 3 colour-coded classes on grey (default: %(default)s)")
+                        "objects; demo: 3 colour-coded classes on grey; study: the demo's scenes "
+                        "with strong per-image photometric changes (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 

@@ -91,7 +91,7 @@ def generate_shapes_dataset(
         image_size: Side of the square images in pixels, ≥ MIN_IMAGE_SIZE.
         seed: Non-negative integer; equal seeds give byte-identical output.
         progress: Show a tqdm progress bar.
-        style: A key of SCENE_STYLES: "standard" (crowded, small objects, clutter) or "simple".
+        style: A key of SCENE_STYLES ("standard", "simple", "demo" or "study"; see scenes.py).
 
     Returns:
         The dataset directory.

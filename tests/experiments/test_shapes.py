@@ -1,5 +1,6 @@
 """The synthetic shapes dataset: determinism, COCO validity, scene rules, registration and CLI."""
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
@@ -303,3 +304,22 @@ def test_style_rejects_more_classes_than_there_are():
         SceneStyle(num_classes=7)
     with pytest.raises(ValueError, match="colour_coded needs num_classes ≤ 3"):
         SceneStyle(num_classes=4, colour_coded=True)
+
+
+def test_study_style_is_the_demo_scene_with_strong_per_image_photometry():
+    demo, study = SCENE_STYLES["demo"], SCENE_STYLES["study"]
+    assert dataclasses.replace(study, photometry=demo.photometry, photometric_changes=False) == demo
+    means, casts = [], []
+    for index in range(30):
+        image, instances = render_shapes_image(image_rng(5, "train", index), 96, study)
+        _, demo_instances = render_shapes_image(image_rng(5, "train", index), 96, demo)
+        # Same objects as the demo image drawn from the same generator state: only pixels change.
+        assert [i.category_id for i in instances] == [i.category_id for i in demo_instances]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(instances, demo_instances))
+        pixels = image.reshape(-1, 3) / 255.0
+        means.append(pixels.mean())
+        casts.append(np.ptp(pixels.mean(axis=0)))
+    # What makes a batch of 2 images a poor estimate of the population: image means spread over
+    # much of the range, and backgrounds that the demo keeps grey get colour casts.
+    assert np.std(means) > 0.12 and max(means) - min(means) > 0.45  # the demo: 0.07 and 0.24
+    assert np.median(casts) > 0.1  # the demo: 0.06, from its coloured objects alone
