@@ -58,7 +58,9 @@ class Arm:
 
     @property
     def images_per_statistic(self) -> int:
-        """Images whose activations make up one normalisation statistic."""
+        """Images whose activations make up one normalisation statistic (GN: each image alone)."""
+        if self.norm == "GN":
+            return 1
         return IMAGES_PER_STEP // self.micro_batches * (self.mabn_buffer or 1)
 
 

@@ -17,7 +17,6 @@ from mabn_experiments.study import (
     configure_arm,
     read_records,
     result_path,
-    run_study,
     train_run,
     write_report,
 )
@@ -152,33 +151,31 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
     assert not list((tmp_path / "interrupted").glob("model_0*.pth"))  # pruned after the run
 
 
-def test_study_skips_finished_runs_and_writes_records(tiny_data, tmp_path):
-    results = tmp_path / "results"
+def test_cli_skips_finished_runs_commits_each_new_one_and_rebuilds_the_report(tmp_path):
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "config", "user.email", "t@t")
+    git(tmp_path, "config", "user.name", "t")
+    results = tmp_path / "docs" / "study"
     write_fake_records(results, {"BN@16": [44.0]})
-    runs = [tiny_run(tiny_data, tmp_path / "out" / arm, arm=arm, precise_bn_batches=0)
-            for arm in ("BN@16", "GN@2")]
-    committed = []
-    new = run_study(runs, str(results), jobs=1, command="python tools/compare_norms.py",
-                    on_result=lambda record, paths: committed.append(paths))
-    assert [r["arm"] for r in new] == ["GN@2"]  # BN@16 seed 0 has a record already
-    assert not (tmp_path / "out" / "BN@16").exists()
-    assert [r["arm"] for r in read_records(str(results))] == ["BN@16", "GN@2"]
-    assert new[0]["command"] == "python tools/compare_norms.py"
-    assert committed == [[result_path(str(results), "GN@2", 0),
-                          str(results / "results.md"), str(results / "ap_curves.png")]]
-
-
-def test_cli_tiny_pipeline_and_report_only(tmp_path):
     command = [sys.executable, str(REPO / "tools" / "compare_norms.py"), "--tiny", "--out",
-               str(tmp_path), "--arms", "MABN@2-buffer1", "--seeds", "3", "--jobs", "1"]
+               str(tmp_path / "out"), "--results", str(results), "--arms", "BN@16", "GN@2",
+               "--seeds", "0", "--jobs", "1", "--commit"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| MABN@2-buffer1 | MABN | 2 |" in result.stdout
-    record = json.loads(Path(result_path(str(tmp_path / "results"), "MABN@2-buffer1", 3)).read_text())
-    assert record["iterations"] == 4 and record["command"].startswith("python tools/compare_norms.py")
-    (tmp_path / "results" / "results.md").unlink()
-    again = subprocess.run(command + ["--report-only"], capture_output=True, text=True, timeout=300,
-                           env=env)
+    assert not (tmp_path / "out" / "BN@16").exists()  # it has a record: skipped
+    assert [r["arm"] for r in read_records(str(results))] == ["BN@16", "GN@2"]
+    record = json.loads(Path(result_path(str(results), "GN@2", 0)).read_text())
+    assert record["iterations"] == 4 and [e["iteration"] for e in record["evaluations"]] == [2, 4]
+    assert record["command"].startswith("python tools/compare_norms.py --tiny")
+    assert "| GN@2 | GN | 1 |" in result.stdout
+    # One commit, of the new record and the report; the fake BN@16 record stays uncommitted.
+    subjects = git(tmp_path, "log", "--format=%s").splitlines()
+    assert len(subjects) == 1 and subjects[0].startswith("study: GN@2 seed 0, 4 iterations: ")
+    assert set(git(tmp_path, "show", "--name-only", "--format=", "HEAD").split()) == {
+        "docs/study/runs/GN@2_seed0.json", "docs/study/results.md", "docs/study/ap_curves.png"}
+    (results / "results.md").unlink()
+    again = subprocess.run(command + ["--report-only"], capture_output=True, text=True,
+                           timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (tmp_path / "results" / "results.md").exists()
+    assert "| GN@2 | GN | 1 |" in (results / "results.md").read_text()
