@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Sequence, Tuple, TypeVar
 import torch
 from tqdm import tqdm
 
-__all__ = ["commit_files", "describe_machine", "markdown_table", "mean_and_std",
+__all__ = ["code_commit", "commit_files", "describe_machine", "markdown_table", "mean_and_std",
            "run_as_completed", "run_in_processes", "threads_per_job"]
 
 Task = TypeVar("Task")
@@ -116,6 +116,16 @@ def commit_files(paths: Sequence[str], message: str,
             raise RuntimeError(f"{git_dir}/index.lock was held for over {lock_timeout_s:.0f} s; "
                                f"not committed: {', '.join(paths)}")
         time.sleep(2.0)
+
+
+def code_commit(path: str) -> str | None:
+    """The commit checked out in the git work tree holding `path` (with "+changes" if its tracked
+    files differ from it), or None outside git."""
+    head = _git(path, "rev-parse", "HEAD", check=False)
+    if head.returncode:
+        return None
+    dirty = _git(path, "diff", "HEAD", "--quiet", check=False).returncode
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def _git(cwd: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -6,37 +6,32 @@ Each (arm, seed) trains in its own output directory, checkpointing at every eval
 interrupted run resumes exactly where it stopped; a finished run is summarised in one JSON file,
 and the report (a Markdown table and a PNG of AP against iterations) is rebuilt from those files.
 """
-import contextlib
 import datetime
 import glob
 import json
 import logging
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Sequence
+from typing import Dict, List, Sequence
 
-import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
-from torch import nn
 
 from mabn_det.config import MABN_NORM_SITES, load_config, set_key
-from mabn_det.engine import Trainer, update_mabn_stats
-from mabn_det.layers import MABN2d
+from mabn_det.engine import Trainer
+from mabn_det.engine.trainer import has_mabn
 
 from .plots import plot_ap_curves, read_metrics
-from .runs import describe_machine, markdown_table, mean_and_std, run_as_completed
+from .runs import code_commit, describe_machine, markdown_table, mean_and_std, run_as_completed
 from .shapes import register_shapes_split
 
-__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "precise_mabn_statistics", "run_study",
-           "train_run", "write_report"]
+__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "run_study", "train_run", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,35 +87,6 @@ def configure_arm(cfg: CfgNode, arm: Arm) -> None:
         cfg.MODEL.MABN.RENORM_WARMUP_ITERS *= arm.micro_batches
 
 
-@contextlib.contextmanager
-def preserved_random_state() -> Iterator:
-    """Restore the python, numpy and torch (CPU) random generators on exit."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
-@contextlib.contextmanager
-def precise_mabn_statistics(model: nn.Module, data_loader: Iterable, num_iter: int) -> Iterator:
-    """Within the block, every MABN2d's running_var is its PreciseBN estimate
-    (`update_mabn_stats` over `num_iter` batches); on exit every buffer of `model` and the random
-    generators are restored bit-exactly, so training goes on as if the block had never run (the
-    training forwards of PreciseBN draw RoI samples and flips)."""
-    saved_buffers = [b.clone() for b in model.buffers()]
-    try:
-        with preserved_random_state():
-            update_mabn_stats(model, data_loader, num_iter)
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), saved_buffers):
-                buffer.copy_(saved)
-
-
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
@@ -136,13 +102,18 @@ class StudyEvaluation(HookBase):
     an evaluation it skipped, and a resumed run has every evaluation before its start.
 
     For a model with MABN2d and `precise_bn_batches` > 0, also the AP with PreciseBN statistics
-    (`precise_mabn_statistics`: evaluation only, the training is left untouched).
+    (`mabn_det.engine.precise_mabn_statistics`: evaluation only, the training is left untouched).
     """
 
-    def __init__(self, period: int, precise_bn_batches: int):
-        self._period = period
-        self._precise_bn_batches = precise_bn_batches
-        self._precise_loader = None
+    def __init__(self, cfg: CfgNode, precise_bn_batches: int):
+        self._period = cfg.TEST.EVAL_PERIOD
+        self._precise_cfg = None
+        if precise_bn_batches:
+            self._precise_cfg = cfg.clone()
+            self._precise_cfg.defrost()
+            self._precise_cfg.TEST.PRECISE_BN.ENABLED = True
+            self._precise_cfg.TEST.PRECISE_BN.NUM_ITER = precise_bn_batches
+            self._precise_cfg.freeze()
 
     def before_train(self):
         self._session = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -156,12 +127,9 @@ class StudyEvaluation(HookBase):
         results = Trainer.test(cfg, model)
         record = {"iteration": next_iter, "bbox_AP": _ap(results, "bbox"),
                   "segm_AP": _ap(results, "segm")}
-        if self._precise_bn_batches and any(isinstance(m, MABN2d) for m in model.modules()):
-            if self._precise_loader is None:
-                with preserved_random_state():
-                    self._precise_loader = Trainer.build_precise_bn_loader(cfg)
-            with precise_mabn_statistics(model, self._precise_loader, self._precise_bn_batches):
-                precise = Trainer.test(cfg, model)
+        if self._precise_cfg is not None and has_mabn(model):
+            # Trainer.test restores every buffer and random generator after PreciseBN.
+            precise = Trainer.test(self._precise_cfg, model)
             record.update(bbox_AP_precise_bn=_ap(precise, "bbox"),
                           segm_AP_precise_bn=_ap(precise, "segm"))
         self.trainer.storage.put_scalars(
@@ -186,7 +154,7 @@ class StudyTrainer(Trainer):
     def build_hooks(self):
         ret = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer))
-        ret.insert(at, StudyEvaluation(self.cfg.TEST.EVAL_PERIOD, self.precise_bn_batches))
+        ret.insert(at, StudyEvaluation(self.cfg, self.precise_bn_batches))
         return ret
 
 
@@ -243,9 +211,6 @@ def train_run(run: StudyRun) -> Dict:
     trainer = StudyTrainer(cfg, run.precise_bn_batches)
     trainer.resume_or_load(resume=True)
     trainer.train()
-    # The final model stays; the periodic checkpoints were only needed to resume.
-    for path in glob.glob(os.path.join(run.output_dir, "model_0*.pth")):
-        os.remove(path)
     return run_record(run, cfg)
 
 
@@ -295,6 +260,7 @@ def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
         "config_file": os.path.relpath(run.config_file, _REPO),
         "opts": list(run.opts),
         "dataset": os.path.basename(run.dataset_dir),
+        "code_commit": code_commit(_REPO),
     }
 
 
@@ -418,10 +384,11 @@ def write_report(results_dir: str) -> List[str]:
               "of a resumed run; the machine may have been busy with other work, which changes "
               "times but not results):", "",
               markdown_table(["arm", "seed", "date", "machine", "threads", "wall time",
-                              "s/iteration"],
+                              "s/iteration", "code"],
                              [[r["arm"], r["seed"], r["date"], r["machine"], r["threads"],
                                f"{r['wall_seconds'] / 60:.0f} min",
-                               f"{r['seconds_per_iteration']:.2f}"] for r in records]),
+                               f"{r['seconds_per_iteration']:.2f}",
+                               (r.get("code_commit") or "–")[:12]] for r in records]),
               "", "Command: " + ", ".join(f"`{c}`" for c in commands) + ".", "",
               "![AP against iterations](ap_curves.png)", ""]
     paths = [os.path.join(results_dir, name) for name in REPORT_FILES]

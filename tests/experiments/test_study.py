@@ -148,7 +148,6 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
         assert weights.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(weights[key], value), (other, key)
-    assert not list((tmp_path / "interrupted").glob("model_0*.pth"))  # pruned after the run
 
 
 def test_cli_skips_finished_runs_commits_each_new_one_and_rebuilds_the_report(tmp_path):
