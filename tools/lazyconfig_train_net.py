@@ -106,10 +106,12 @@ def main(args: argparse.Namespace):
     return do_train(args, cfg)
 
 
-def dataset_names(cfg):
-    """The dataset names of ``dataloader.train`` and ``dataloader.test``."""
+def dataset_names(cfg, eval_only: bool):
+    """The dataset names a run reads: ``dataloader.test``'s, and ``dataloader.train``'s unless
+    it only evaluates without PreciseBN."""
+    precise = cfg.train.get("precise_bn", {}).get("enabled", False)
     names = []
-    for split in ("train", "test"):
+    for split in ("train", "test") if precise or not eval_only else ("test",):
         node = cfg.dataloader.get(split, {}).get("dataset", {}).get("names", [])
         names += [node] if isinstance(node, str) else list(node)
     return names
@@ -120,7 +122,8 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         check_datasets_on_disk(dataset_names(
-            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)))
+            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts),
+            args.eval_only))
     except MissingDatasetError as e:
         raise SystemExit(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -69,8 +69,10 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     cfg = load_config(args.config_file, args.opts)
+    # --eval-only reads training images only for PreciseBN.
+    reads_train = not args.eval_only or cfg.TEST.PRECISE_BN.ENABLED
     try:
-        check_datasets_on_disk([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+        check_datasets_on_disk([*(cfg.DATASETS.TRAIN if reads_train else ()), *cfg.DATASETS.TEST])
     except MissingDatasetError as e:
         raise SystemExit(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

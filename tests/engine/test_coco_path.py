@@ -25,17 +25,22 @@ def test_panoptic_datasets_get_panoptic_semantic_and_coco_evaluators(tiny_coco, 
         c.__name__ for c in (COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator))
 
 
-@pytest.mark.parametrize("tool, config", [
-    ("train_net.py", "configs/panoptic_fpn_R_50_2x_mabn_scratch.yaml"),
-    ("lazyconfig_train_net.py", "configs/lazy/mask_rcnn_R_50_FPN_2x_mabn_scratch.py"),
+@pytest.mark.parametrize("tool, config, opts", [
+    ("train_net.py", "configs/panoptic_fpn_R_50_2x_mabn_scratch.yaml", []),
+    ("lazyconfig_train_net.py", "configs/lazy/mask_rcnn_R_50_FPN_2x_mabn_scratch.py", []),
+    ("train_net.py", "configs/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml", ["--eval-only"]),
 ])
-def test_missing_coco_stops_before_training_with_one_message(tool, config, tmp_path):
+def test_missing_coco_stops_before_training_with_one_message(tool, config, opts, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path), PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, os.path.join(REPO, "tools", tool),
-                             "--config-file", os.path.join(REPO, config)],
+                             "--config-file", os.path.join(REPO, config), *opts],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"$DETECTRON2_DATASETS (it is '{tmp_path}')" in result.stderr
-    assert os.path.join(str(tmp_path), "coco/annotations/instances_train2017.json") in result.stderr
     assert "coco/{train,val}2017/" in result.stderr
+    train_json = os.path.join(str(tmp_path), "coco/annotations/instances_train2017.json")
+    val_json = os.path.join(str(tmp_path), "coco/annotations/instances_val2017.json")
+    assert val_json in result.stderr
+    # --eval-only without PreciseBN reads no training image.
+    assert (train_json in result.stderr) == ("--eval-only" not in opts)
