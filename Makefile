@@ -34,3 +34,12 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 .PHONY: gpu-check
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py $(if $(OUT),--output $(OUT)/gpu_check)
+
+# Wheels the lent GPU machine lacks, into .whl/ (carry it in the device call, see
+# benchmarks/gpu_check.py): those of the shared device-prep script, plus tqdm and portalocker, which
+# fvcore, iopath and mabn_experiments import and which that machine's Python is not known to have.
+.PHONY: device-wheels
+device-wheels: setup
+	bash ../shared/tools/device-prep.sh
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		tqdm portalocker

@@ -5,8 +5,8 @@
     python benchmarks/gpu_check.py --output DIR --sections checks kernels --shapes res2 res5
 
 On the lent device machine (torch 2.11, Triton 3.6, no .venv; see the header of
-/work/shared/tools/device-prep.sh): run `bash ../shared/tools/device-prep.sh` once in the
-repository root, then the device tool's run with carry [".whl"], timeout_s 540 and
+/work/shared/tools/device-prep.sh): run `make device-wheels` once in the repository root (that
+script plus tqdm and portalocker), then the device tool's run with carry [".whl"], timeout_s 540 and
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_check.py --output $OUT/gpu_check
