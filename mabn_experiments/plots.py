@@ -141,8 +141,9 @@ def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
 
     Args:
         runs_by_label: label → one list per run of evaluations, each a dict with "iteration",
-            "bbox_AP" and "segm_AP". Iterations that not every run of a label reached are left out
-            of its curve.
+            "bbox_AP" and "segm_AP" (and, drawn dashed, "bbox_AP_precise_bn" and
+            "segm_AP_precise_bn" where every evaluation has them). Iterations that not every run
+            of a label reached are left out of its curve.
         png_path: where to write the figure.
 
     Returns:
@@ -160,6 +161,12 @@ def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
             if len(runs) > 1:
                 ax.fill_between(common, values.min(0), values.max(0), color=line.get_color(),
                                 alpha=0.2)
+            precise_key = f"{key}_precise_bn"
+            if all(precise_key in e for run in runs for e in run):
+                precise = np.array([[next(e[precise_key] for e in run if e["iteration"] == it)
+                                     for it in common] for run in runs])
+                ax.plot(common, precise.mean(0), "--", color=line.get_color(),
+                        label=f"{label}, PreciseBN statistics")
     for ax, name in zip(axes, ("box AP", "mask AP")):
         ax.set(xlabel="iteration (optimizer step)", ylabel=f"COCO {name} (val)")
         ax.grid(alpha=0.3)

@@ -374,6 +374,19 @@ def write_report(results_dir: str) -> List[str]:
         markdown_table(["arm", "norm", "images per statistic", "box AP", "mask AP",
                         "box AP per seed", "seeds", "s/iteration"], rows),
     ]
+    curve_rows = []
+    for arm, runs in by_arm.items():
+        points = {}
+        for run in runs:
+            for e in run["evaluations"]:
+                points.setdefault(e["iteration"], []).append(e["bbox_AP"])
+        curve_rows.append((arm, {it: statistics.fmean(v) for it, v in points.items()
+                                 if len(v) == len(runs)}))
+    iterations = sorted({it for _, curve in curve_rows for it in curve})
+    lines += ["", "Box AP at each evaluation (mean over the arm's seeds):", "",
+              markdown_table(["arm", *map(str, iterations)],
+                             [[arm, *(f"{curve[it]:.1f}" if it in curve else "–"
+                                      for it in iterations)] for arm, curve in curve_rows])]
     if precise_rows:
         lines += ["", "MABN arms evaluated with their moving-average statistics and with PreciseBN "
                   "statistics (evaluation only; the training is the same run):", "",
