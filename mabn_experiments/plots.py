@@ -12,8 +12,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 # A bare Figure renders to files without pyplot, so no GUI backend is chosen for the process.
 from matplotlib.figure import Figure
 
-__all__ = ["MASK_RCNN_LOSSES", "bar_chart", "plot_ap_curves", "plot_training_curves", "read_metrics",
-           "save_predictions"]
+__all__ = ["MASK_RCNN_LOSSES", "bar_chart", "plot_ap_curves", "plot_training_curves",
+           "read_metrics", "save_predictions"]
 
 
 def read_metrics(output_dir: str) -> List[Dict]:
@@ -110,7 +110,8 @@ def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
             ax.set_title(heading, fontsize=10)
             ax.axis("off")
         fig.tight_layout(pad=0.3)
-        path = os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = os.path.join(out_dir, stem + ".png")
         fig.savefig(path, dpi=100)
         paths.append(path)
     return paths
@@ -137,7 +138,7 @@ def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[floa
 
 def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
                    title: str = "") -> Figure:
-    """Box and mask AP against iterations: per label, the mean over its runs and the min-to-max band.
+    """Box and mask AP against iterations: per label, the mean over its runs and their range.
 
     Args:
         runs_by_label: label → one list per run of evaluations, each a dict with "iteration",

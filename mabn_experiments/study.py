@@ -206,7 +206,8 @@ def train_run(run: StudyRun) -> Dict:
     setup_logger(run.output_dir, name="mabn_det")
     with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-    # The weights' initialisation too depends on the seed alone (Detectron2's default_setup does this).
+    # The weights' initialisation too depends on the seed alone (as Detectron2's default_setup
+    # makes it).
     seed_all_rng(cfg.SEED)
     trainer = StudyTrainer(cfg, run.precise_bn_batches)
     trainer.resume_or_load(resume=True)
@@ -393,9 +394,9 @@ def write_report(results_dir: str) -> List[str]:
                   markdown_table(["arm", "seeds", "box AP", "box AP, PreciseBN", "mask AP",
                                   "mask AP, PreciseBN"], precise_rows)]
     commands = sorted({r.get("command", "?") for r in records})
-    lines += ["", "The runs (wall time: the training with its evaluations, summed over the sessions "
-              "of a resumed run; the machine may have been busy with other work, which changes "
-              "times but not results):", "",
+    lines += ["", "The runs (wall time: the training with its evaluations, summed over the "
+              "sessions of a resumed run; the machine may have been busy with other work, which "
+              "changes times but not results):", "",
               markdown_table(["arm", "seed", "date", "machine", "threads", "wall time",
                               "s/iteration", "code"],
                              [[r["arm"], r["seed"], r["date"], r["machine"], r["threads"],

@@ -88,12 +88,14 @@ def main(argv=None) -> None:
     size.merge_from_list(opts)
     num_train, num_val = mode["data"]
     image_size = size.INPUT.MIN_SIZE_TEST
-    dataset_dir = os.path.join(out, "datasets", f"{STYLE}_{num_train}_{image_size}px_seed{DATA_SEED}")
+    dataset_dir = os.path.join(out, "datasets",
+                               f"{STYLE}_{num_train}_{image_size}px_seed{DATA_SEED}")
     if not shapes_dataset_exists(dataset_dir, num_train=num_train, num_val=num_val,
                                  image_size=image_size, seed=DATA_SEED, style=STYLE):
         generate_shapes_dataset(dataset_dir, num_train, num_val, image_size, seed=DATA_SEED,
                                 style=STYLE)
-    precise = mode["precise_bn_batches"] if args.precise_bn_batches is None else args.precise_bn_batches
+    precise = (mode["precise_bn_batches"] if args.precise_bn_batches is None
+               else args.precise_bn_batches)
     threads = args.threads or threads_per_job(args.jobs)
     runs = [StudyRun(arm, seed, os.path.abspath(args.config_file), dataset_dir,
                      os.path.join(out, arm, f"seed{seed}"), opts, threads, precise)

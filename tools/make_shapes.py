@@ -5,7 +5,7 @@ Usage:
     python tools/make_shapes.py --out datasets/shapes --train 2000 --val 500 --size 128 --seed 0
     python tools/make_shapes.py --style simple ...   # fewer, larger objects, no clutter
     python tools/make_shapes.py --style demo ...     # 3 classes told apart by outline and colour
-    python tools/make_shapes.py --style study ...    # the demo's scenes, strong per-image photometry
+    python tools/make_shapes.py --style study ...    # demo scenes, strong per-image photometry
 
 Writes OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json. Equal arguments give
 byte-identical files. ``mabn_experiments.shapes.register_shapes_datasets()`` registers
