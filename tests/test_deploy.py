@@ -8,10 +8,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from mabn_det.deploy import export_for_stock_detectron2
-from tests.common import LAZY_RECIPES, make_cfg, synthetic_image, tiny_lazy_config
+from tests.common import (LAZY_RECIPES, make_cfg, synthetic_image, tiny_lazy_config,
+                          train_checking_finite)
 
 STOCK_PREDICT = r"""
 import json, sys, torch
@@ -39,12 +39,8 @@ def test_converted_checkpoint_predicts_the_same_in_stock_detectron2(tmp_path):
                          "MODEL.MABN.EPS", "0.01", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     model = build_model(cfg)
     batch = [synthetic_image(boxes=[(8, 8, 30, 28)], seed=s) for s in range(2)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with EventStorage():
-        for _ in range(3):  # moves weights and MABN statistics away from their initial values
-            optimizer.zero_grad()
-            sum(model(batch).values()).backward()
-            optimizer.step()
+    # moves weights and MABN statistics away from their initial values
+    train_checking_finite(model, batch, steps=3)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("mabn")
     config = export_for_stock_detectron2(cfg, str(tmp_path / "mabn.pth"), str(tmp_path / "deploy"))
 
@@ -85,12 +81,8 @@ def test_converted_lazy_config_checkpoint_predicts_the_same_in_stock_detectron2(
     cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
     model = instantiate(cfg.model)
     batch = [synthetic_image(boxes=[(8, 8, 30, 28)], seed=s) for s in range(2)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with EventStorage():
-        for _ in range(3):  # moves weights and MABN statistics away from their initial values
-            optimizer.zero_grad()
-            sum(model(batch).values()).backward()
-            optimizer.step()
+    # moves weights and MABN statistics away from their initial values
+    train_checking_finite(model, batch, steps=3)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("mabn")
     config = export_for_stock_detectron2(cfg, str(tmp_path / "mabn.pth"), str(tmp_path / "deploy"))
     stock = LazyConfig.load(config)
