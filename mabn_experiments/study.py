@@ -90,7 +90,8 @@ def configure_arm(cfg: CfgNode, arm: Arm) -> None:
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
-def _ap(results: Dict, task: str) -> float:
+def coco_ap(results: Dict, task: str) -> float:
+    """The COCO AP of `task` ("bbox" or "segm") in Detectron2's evaluation `results`."""
     # Detectron2 reports NaN when the model predicts nothing at all, which COCO would score 0.
     value = results[task]["AP"]
     return 0.0 if math.isnan(value) else round(float(value), 3)
@@ -125,13 +126,13 @@ class StudyEvaluation(HookBase):
             return
         cfg, model = self.trainer.cfg, self.trainer.model
         results = Trainer.test(cfg, model)
-        record = {"iteration": next_iter, "bbox_AP": _ap(results, "bbox"),
-                  "segm_AP": _ap(results, "segm")}
+        record = {"iteration": next_iter, "bbox_AP": coco_ap(results, "bbox"),
+                  "segm_AP": coco_ap(results, "segm")}
         if self._precise_cfg is not None and has_mabn(model):
             # Trainer.test restores every buffer and random generator after PreciseBN.
             precise = Trainer.test(self._precise_cfg, model)
-            record.update(bbox_AP_precise_bn=_ap(precise, "bbox"),
-                          segm_AP_precise_bn=_ap(precise, "segm"))
+            record.update(bbox_AP_precise_bn=coco_ap(precise, "bbox"),
+                          segm_AP_precise_bn=coco_ap(precise, "segm"))
         self.trainer.storage.put_scalars(
             **{key.replace("_AP", "/AP"): value for key, value in record.items()
                if key != "iteration"}, smoothing_hint=False)

@@ -1,0 +1,206 @@
+"""Why PreciseBN statistics can lower an MABN model's AP: one checkpoint of a study run, evaluated
+with its training statistics, with PreciseBN statistics everywhere, and with PreciseBN statistics
+in one part of the model at a time; and, per channel, how much PreciseBN changes each MABN2d's
+output scale.
+
+MABN's training forward already uses ``running_var``: with r = √(s²+ε)/√(running_var+ε) unclipped,
+y = γ·r·x/√(s²+ε) + β = γ·x/√(running_var+ε) + β, which is the inference map. Replacing
+``running_var`` by a re-estimate therefore rescales channel c's output by
+√(running_var_c+ε)/√(precise_c+ε), a forward the network never trained with. This probe measures
+that rescaling and what it costs, part by part.
+
+    python -m mabn_experiments.precise_bn_probe RUN_DIR/model_0000599.pth --run-dir RUN_DIR \\
+        --dataset-dir OUT/datasets/study_3000_96px_seed1 --out docs/study/precise_bn
+"""
+import argparse
+import json
+import logging
+import os
+import tempfile
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+from matplotlib.figure import Figure
+
+from mabn_det.config import load_config
+from mabn_det.engine import Trainer
+from mabn_det.engine.hooks import update_mabn_stats
+from mabn_det.layers import MABN2d
+
+from .runs import describe_machine, markdown_table
+from .shapes import register_shapes_split
+from .study import coco_ap
+
+__all__ = ["PARTS", "output_gain", "probe"]
+
+logger = logging.getLogger(__name__)
+
+# Parts of Detectron2's Mask R-CNN FPN, by module-name prefix, in forward order.
+PARTS = {
+    "ResNet": "backbone.bottom_up.",
+    "FPN": "backbone.",
+    "RPN": "proposal_generator.",
+    "box head": "roi_heads.box_head.",
+    "mask head": "roi_heads.mask_head.",
+}
+
+
+def part_of(layer_name: str) -> str:
+    """The entry of PARTS whose prefix `layer_name` starts with (the first, in PARTS order)."""
+    for part, prefix in PARTS.items():
+        if layer_name.startswith(prefix):
+            return part
+    raise ValueError(f"MABN2d {layer_name!r} is in none of the parts {list(PARTS)}")
+
+
+def output_gain(training_var: torch.Tensor, precise_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Factor by which PreciseBN scales each channel's normalised output (before γ and β).
+
+    Args:
+        training_var, precise_var: (C,) running_var before and after the re-estimate.
+        eps: the layer's ε.
+
+    Returns:
+        (C,) √(training_var+ε)/√(precise_var+ε).
+    """
+    return ((training_var + eps) / (precise_var + eps)).sqrt()
+
+
+def _evaluate(cfg, model, statistics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name, var in statistics.items():
+            layers[name].running_var.copy_(var)
+    results = Trainer.test(cfg, model)
+    return {"bbox_AP": coco_ap(results, "bbox"), "segm_AP": coco_ap(results, "segm")}
+
+
+def probe(cfg, checkpoint: str, batches: int) -> Dict:
+    """Evaluate `checkpoint` with its training statistics, PreciseBN statistics everywhere and
+    PreciseBN statistics in each part of PARTS alone; summarise the output gain per layer.
+
+    Args:
+        cfg: the run's config, its datasets registered, TEST.PRECISE_BN off.
+        checkpoint: a checkpoint of that run.
+        batches: training batches PreciseBN averages over.
+
+    Returns:
+        {"evaluations": [{"statistics", "bbox_AP", "segm_AP"}], "layers": [{"name", "part",
+        "channels", "gain_min", "gain_median", "gain_max", "far_channels"}]}, where
+        far_channels counts channels whose gain is outside [1/2, 2].
+    """
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(checkpoint)
+    mabn = {name: m for name, m in model.named_modules() if isinstance(m, MABN2d)}
+    training = {name: m.running_var.clone() for name, m in mabn.items()}
+    seed_all_rng(cfg.SEED)  # the heads' training RoIs are drawn: the estimate repeats
+    update_mabn_stats(model, Trainer.build_precise_bn_loader(cfg), batches)
+    precise = {name: m.running_var.clone() for name, m in mabn.items()}
+
+    layers = []
+    for name, m in mabn.items():
+        gain = output_gain(training[name], precise[name], m.eps)
+        layers.append({"name": name, "part": part_of(name), "channels": gain.numel(),
+                       "gain_min": gain.min().item(), "gain_median": gain.median().item(),
+                       "gain_max": gain.max().item(),
+                       "far_channels": int(((gain < 0.5) | (gain > 2)).sum())})
+
+    evaluations = [{"statistics": "training (running_var)", **_evaluate(cfg, model, training)},
+                   {"statistics": "PreciseBN everywhere", **_evaluate(cfg, model, precise)}]
+    parts = [p for p in PARTS if any(layer["part"] == p for layer in layers)]
+    for part in parts:
+        mixed = {name: precise[name] if part_of(name) == part else training[name]
+                 for name in mabn}
+        evaluations.append({"statistics": f"PreciseBN in {part} only",
+                            **_evaluate(cfg, model, mixed)})
+    return {"evaluations": evaluations, "layers": layers}
+
+
+def plot_gains(layers: Sequence[Dict], png_path: str, title: str) -> Figure:
+    """Per MABN2d in forward order: the range and median of PreciseBN's output gain, log scale."""
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+    for part in PARTS:
+        index = [i for i, layer in enumerate(layers) if layer["part"] == part]
+        if not index:
+            continue
+        low = np.array([layers[i]["gain_min"] for i in index])
+        mid = np.array([layers[i]["gain_median"] for i in index])
+        high = np.array([layers[i]["gain_max"] for i in index])
+        ax.errorbar(x[index], mid, yerr=[mid - low, high - mid], fmt="o", markersize=3,
+                    capsize=2, label=part)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set(xlabel="MABN2d layer, forward order",
+           ylabel="output gain √(running_var+ε)/√(precise+ε)\nmedian and range over channels")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    return fig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint of a norm-study run with MABN")
+    parser.add_argument("--run-dir", required=True,
+                        help="the run's output directory (its config.yaml is used)")
+    parser.add_argument("--dataset-dir", required=True,
+                        help="the study's shapes dataset (OUT/datasets/study_...)")
+    parser.add_argument("--batches", type=int, default=100,
+                        help="training batches of the PreciseBN estimate (default: %(default)s, "
+                             "as in the study)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="directory for NAME.json, NAME.md, NAME.png")
+    parser.add_argument("--name", help="file stem (default: the run directory's arm_seed and the "
+                        "checkpoint's iteration)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logger(name="mabn_det")
+    torch.set_num_threads(args.threads)
+    for split in ("train", "val"):
+        register_shapes_split(f"study_{split}", args.dataset_dir, split)
+    cfg = load_config(os.path.join(args.run_dir, "config.yaml"))
+    cfg.TEST.PRECISE_BN.ENABLED = False
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="precise_bn_probe_")
+    cfg.freeze()
+
+    iteration = int(os.path.basename(args.checkpoint).split("_")[-1].split(".")[0]) + 1
+    run = os.path.normpath(args.run_dir).split(os.sep)[-2:]
+    name = args.name or f"{run[0]}_{run[1]}_iter{iteration}"
+    title = f"{run[0]} {run[1]}, after iteration {iteration}: PreciseBN over {args.batches} batches"
+    result = probe(cfg, args.checkpoint, args.batches)
+    result.update(run=" ".join(run), iteration=iteration, batches=args.batches,
+                  machine=describe_machine())
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    table = markdown_table(["statistics", "box AP", "mask AP"],
+                           [[e["statistics"], f"{e['bbox_AP']:.1f}", f"{e['segm_AP']:.1f}"]
+                            for e in result["evaluations"]])
+    by_part = markdown_table(
+        ["part", "layers", "channels", "gain range", "channels with gain outside [½, 2]"],
+        [[part, len(rows), sum(r["channels"] for r in rows),
+          f"{min(r['gain_min'] for r in rows):.2f}–{max(r['gain_max'] for r in rows):.2f}",
+          sum(r["far_channels"] for r in rows)]
+         for part in PARTS if (rows := [r for r in result["layers"] if r["part"] == part])])
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(f"# {title}\n\n{table}\n\n{by_part}\n")
+    plot_gains(result["layers"], os.path.join(args.out, f"{name}.png"), title)
+    print(table)
+    print(by_part)
+
+
+if __name__ == "__main__":
+    main()
