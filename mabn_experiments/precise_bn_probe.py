@@ -7,14 +7,16 @@ MABN's training forward already uses ``running_var``: with r = √(s²+ε)/√(r
 y = γ·r·x/√(s²+ε) + β = γ·x/√(running_var+ε) + β, which is the inference map. Replacing
 ``running_var`` by a re-estimate therefore rescales channel c's output by
 √(running_var_c+ε)/√(precise_c+ε), a forward the network never trained with. This probe measures
-that rescaling and what it costs, part by part.
+that rescaling and what it costs, part by part; with --frozen-forwards, it then goes on with
+training forwards whose weights stay fixed and traces the rescaling, to tell a lag behind moving
+weights from the noise of the moving averages themselves.
 
     python -m mabn_experiments.precise_bn_probe RUN_DIR/model_0000599.pth --run-dir RUN_DIR \\
-        --dataset-dir OUT/datasets/study_3000_96px_seed1 --out docs/study/precise_bn
+        --dataset-dir OUT/datasets/study_3000_96px_seed1 --out docs/study/precise_bn \\
+        --frozen-forwards 400
 """
 import argparse
 import json
-import logging
 import os
 import tempfile
 from typing import Dict, List, Sequence
@@ -23,12 +25,13 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from mabn_det.config import load_config
-from mabn_det.engine import Trainer
-from mabn_det.engine.hooks import update_mabn_stats
+from mabn_det.engine import Trainer, precise_mabn_statistics
 from mabn_det.layers import MABN2d
 
 from .runs import describe_machine, markdown_table
@@ -37,7 +40,6 @@ from .study import coco_ap
 
 __all__ = ["PARTS", "output_gain", "probe"]
 
-logger = logging.getLogger(__name__)
 
 # Parts of Detectron2's Mask R-CNN FPN, by module-name prefix, in forward order.
 PARTS = {
@@ -79,27 +81,45 @@ def _evaluate(cfg, model, statistics: Dict[str, torch.Tensor]) -> Dict[str, floa
     return {"bbox_AP": coco_ap(results, "bbox"), "segm_AP": coco_ap(results, "segm")}
 
 
-def probe(cfg, checkpoint: str, batches: int) -> Dict:
+def _precise_statistics(cfg, model, layers: Dict[str, MABN2d], batches: int
+                        ) -> Dict[str, torch.Tensor]:
+    # Seeded: the heads' training RoIs are drawn, and the estimate should repeat.
+    seed_all_rng(cfg.SEED)
+    with precise_mabn_statistics(model, Trainer.build_precise_bn_loader(cfg), batches):
+        return {name: m.running_var.clone() for name, m in layers.items()}
+
+
+def _median_gains(layers: Dict[str, MABN2d], precise: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    return {name: output_gain(m.running_var, precise[name], m.eps).median().item()
+            for name, m in layers.items()}
+
+
+def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
+          trace_every: int = 50) -> Dict:
     """Evaluate `checkpoint` with its training statistics, PreciseBN statistics everywhere and
-    PreciseBN statistics in each part of PARTS alone; summarise the output gain per layer.
+    PreciseBN statistics in each part of PARTS alone; summarise the output gain per layer; then,
+    if `frozen_forwards` > 0, trace the gains while the weights stay fixed.
 
     Args:
         cfg: the run's config, its datasets registered, TEST.PRECISE_BN off.
         checkpoint: a checkpoint of that run.
         batches: training batches PreciseBN averages over.
+        frozen_forwards: training forwards without weight updates after the evaluations: the
+            rings and running_var move on as in training, the weights do not. What remains
+            between running_var and the PreciseBN estimate then is not a lag behind the weights.
+        trace_every: forwards between two points of that trace.
 
     Returns:
         {"evaluations": [{"statistics", "bbox_AP", "segm_AP"}], "layers": [{"name", "part",
-        "channels", "gain_min", "gain_median", "gain_max", "far_channels"}]}, where
-        far_channels counts channels whose gain is outside [1/2, 2].
+        "channels", "gain_min", "gain_median", "gain_max", "far_channels"}], "frozen_trace":
+        [{"forwards", "median_gain": {layer name: median over channels}}]}, where far_channels
+        counts channels whose gain is outside [1/2, 2]; the trace starts at 0 forwards.
     """
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(checkpoint)
     mabn = {name: m for name, m in model.named_modules() if isinstance(m, MABN2d)}
     training = {name: m.running_var.clone() for name, m in mabn.items()}
-    seed_all_rng(cfg.SEED)  # the heads' training RoIs are drawn: the estimate repeats
-    update_mabn_stats(model, Trainer.build_precise_bn_loader(cfg), batches)
-    precise = {name: m.running_var.clone() for name, m in mabn.items()}
+    precise = _precise_statistics(cfg, model, mabn, batches)
 
     layers = []
     for name, m in mabn.items():
@@ -117,13 +137,36 @@ def probe(cfg, checkpoint: str, batches: int) -> Dict:
                  for name in mabn}
         evaluations.append({"statistics": f"PreciseBN in {part} only",
                             **_evaluate(cfg, model, mixed)})
-    return {"evaluations": evaluations, "layers": layers}
+
+    trace = []
+    if frozen_forwards:
+        for name, var in training.items():
+            mabn[name].running_var.copy_(var)
+        trace.append({"forwards": 0, "median_gain": _median_gains(mabn, precise)})
+        loader = iter(Trainer.build_train_loader(cfg))
+        model.train()
+        with EventStorage(), torch.no_grad():
+            for done in tqdm(range(1, frozen_forwards + 1), desc="forwards, weights fixed"):
+                model(next(loader))
+                if done % trace_every == 0 or done == frozen_forwards:
+                    precise = _precise_statistics(cfg, model, mabn, batches)
+                    trace.append({"forwards": done, "median_gain": _median_gains(mabn, precise)})
+    return {"evaluations": evaluations, "layers": layers, "frozen_trace": trace}
 
 
-def plot_gains(layers: Sequence[Dict], png_path: str, title: str) -> Figure:
-    """Per MABN2d in forward order: the range and median of PreciseBN's output gain, log scale."""
-    fig = Figure(figsize=(11, 4))
-    ax = fig.subplots()
+def stage_of(layer_name: str) -> str:
+    """A ResNet layer's stage ("stem", "res2" … "res5"), else its part."""
+    part = part_of(layer_name)
+    return layer_name.split(".")[2] if part == "ResNet" else part
+
+
+def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
+    """Left: per MABN2d in forward order, the range and median of PreciseBN's output gain. Right
+    (if the result has a frozen-weights trace): the median gain of each stage's deepest layer
+    against the forwards made with the weights fixed."""
+    layers, trace = result["layers"], result["frozen_trace"]
+    fig = Figure(figsize=(13 if trace else 9, 4))
+    axes = fig.subplots(1, 2 if trace else 1, squeeze=False)[0]
     x = np.arange(len(layers))
     for part in PARTS:
         index = [i for i, layer in enumerate(layers) if layer["part"] == part]
@@ -132,15 +175,25 @@ def plot_gains(layers: Sequence[Dict], png_path: str, title: str) -> Figure:
         low = np.array([layers[i]["gain_min"] for i in index])
         mid = np.array([layers[i]["gain_median"] for i in index])
         high = np.array([layers[i]["gain_max"] for i in index])
-        ax.errorbar(x[index], mid, yerr=[mid - low, high - mid], fmt="o", markersize=3,
-                    capsize=2, label=part)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set(xlabel="MABN2d layer, forward order",
-           ylabel="output gain √(running_var+ε)/√(precise+ε)\nmedian and range over channels")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+        axes[0].errorbar(x[index], mid, yerr=[mid - low, high - mid], fmt="o", markersize=3,
+                         capsize=2, label=part)
+    axes[0].set(xlabel="MABN2d layer, forward order",
+                ylabel="output gain √(running_var+ε)/√(precise+ε)\nmedian and range over channels",
+                title="at the checkpoint")
+    if trace:
+        deepest = {stage_of(layer["name"]): layer["name"] for layer in layers}
+        for stage, name in deepest.items():
+            axes[1].plot([t["forwards"] for t in trace],
+                         [t["median_gain"][name] for t in trace], "-o", markersize=3,
+                         label=f"{stage} ({name.rsplit('.', 2)[-2]})")
+        axes[1].set(xlabel="training forwards with the weights fixed",
+                    ylabel="median output gain", title="weights fixed, statistics moving on")
+    for ax in axes:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     return fig
@@ -156,6 +209,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=100,
                         help="training batches of the PreciseBN estimate (default: %(default)s, "
                              "as in the study)")
+    parser.add_argument("--frozen-forwards", type=int, default=0,
+                        help="after the evaluations, training forwards with the weights fixed, "
+                             "tracing the gains (default: %(default)s, none)")
+    parser.add_argument("--trace-every", type=int, default=50,
+                        help="forwards between two points of that trace (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="directory for NAME.json, NAME.md, NAME.png")
     parser.add_argument("--name", help="file stem (default: the run directory's arm_seed and the "
@@ -179,7 +237,7 @@ def main(argv=None) -> None:
     run = os.path.normpath(args.run_dir).split(os.sep)[-2:]
     name = args.name or f"{run[0]}_{run[1]}_iter{iteration}"
     title = f"{run[0]} {run[1]}, after iteration {iteration}: PreciseBN over {args.batches} batches"
-    result = probe(cfg, args.checkpoint, args.batches)
+    result = probe(cfg, args.checkpoint, args.batches, args.frozen_forwards, args.trace_every)
     result.update(run=" ".join(run), iteration=iteration, batches=args.batches,
                   machine=describe_machine())
     os.makedirs(args.out, exist_ok=True)
@@ -195,11 +253,17 @@ def main(argv=None) -> None:
           f"{min(r['gain_min'] for r in rows):.2f}–{max(r['gain_max'] for r in rows):.2f}",
           sum(r["far_channels"] for r in rows)]
          for part in PARTS if (rows := [r for r in result["layers"] if r["part"] == part])])
+    tables = [table, by_part]
+    if result["frozen_trace"]:
+        deepest = {stage_of(layer["name"]): layer["name"] for layer in result["layers"]}
+        tables.append(markdown_table(
+            ["forwards, weights fixed", *(f"{stage} median gain" for stage in deepest)],
+            [[t["forwards"], *(f"{t['median_gain'][n]:.2f}" for n in deepest.values())]
+             for t in result["frozen_trace"]]))
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(f"# {title}\n\n{table}\n\n{by_part}\n")
-    plot_gains(result["layers"], os.path.join(args.out, f"{name}.png"), title)
-    print(table)
-    print(by_part)
+        f.write(f"# {title}\n\n" + "\n\n".join(tables) + "\n")
+    plot_gains(result, os.path.join(args.out, f"{name}.png"), title)
+    print("\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_probe_finds_the_part_whose_statistics_precise_bn_changes(tmp_path):
     torch.save({"model": model.state_dict()}, checkpoint)
 
     main([str(checkpoint), "--run-dir", str(run_dir), "--dataset-dir", data, "--batches", "2",
-          "--out", str(tmp_path / "probe")])
+          "--frozen-forwards", "2", "--trace-every", "1", "--out", str(tmp_path / "probe")])
     result = json.loads((tmp_path / "probe" / "MABN@2_seed0_iter4.json").read_text())
     assert {"MABN@2_seed0_iter4.md", "MABN@2_seed0_iter4.png"} <= {
         p.name for p in (tmp_path / "probe").iterdir()}
@@ -67,6 +67,12 @@ def test_probe_finds_the_part_whose_statistics_precise_bn_changes(tmp_path):
         assert layer["gain_min"] == pytest.approx(expected, rel=1e-4), layer["name"]
         assert layer["gain_max"] == pytest.approx(expected, rel=1e-4), layer["name"]
         assert layer["far_channels"] == 0
+    # The trace starts from the checkpoint's gains; the forwards then move running_var.
+    trace = result["frozen_trace"]
+    assert [t["forwards"] for t in trace] == [0, 1, 2]
+    assert trace[0]["median_gain"] == {layer["name"]: layer["gain_median"]
+                                       for layer in result["layers"]}
+    assert trace[2]["median_gain"] != trace[0]["median_gain"]
     statistics = [e["statistics"] for e in result["evaluations"]]
     assert statistics == ["training (running_var)", "PreciseBN everywhere",
                           *(f"PreciseBN in {p} only" for p in PARTS if p in parts)]
