@@ -113,7 +113,8 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
         {"evaluations": [{"statistics", "bbox_AP", "segm_AP"}], "layers": [{"name", "part",
         "channels", "gain_min", "gain_median", "gain_max", "far_channels"}], "frozen_trace":
         [{"forwards", "median_gain": {layer name: median over channels}}]}, where far_channels
-        counts channels whose gain is outside [1/2, 2]; the trace starts at 0 forwards.
+        counts channels whose gain is outside [1/2, 2]; layers come by part (PARTS order), then
+        in the model's order; the trace starts at 0 forwards.
     """
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(checkpoint)
@@ -122,7 +123,7 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
     precise = _precise_statistics(cfg, model, mabn, batches)
 
     layers = []
-    for name, m in mabn.items():
+    for name, m in sorted(mabn.items(), key=lambda item: list(PARTS).index(part_of(item[0]))):
         gain = output_gain(training[name], precise[name], m.eps)
         layers.append({"name": name, "part": part_of(name), "channels": gain.numel(),
                        "gain_min": gain.min().item(), "gain_median": gain.median().item(),
@@ -161,7 +162,7 @@ def stage_of(layer_name: str) -> str:
 
 
 def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
-    """Left: per MABN2d in forward order, the range and median of PreciseBN's output gain. Right
+    """Left: per MABN2d (grouped by part), the range and median of PreciseBN's output gain. Right
     (if the result has a frozen-weights trace): the median gain of each stage's deepest layer
     against the forwards made with the weights fixed."""
     layers, trace = result["layers"], result["frozen_trace"]
@@ -177,7 +178,7 @@ def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
         high = np.array([layers[i]["gain_max"] for i in index])
         axes[0].errorbar(x[index], mid, yerr=[mid - low, high - mid], fmt="o", markersize=3,
                          capsize=2, label=part)
-    axes[0].set(xlabel="MABN2d layer, forward order",
+    axes[0].set(xlabel="MABN2d layer, by part, in the model's order",
                 ylabel="output gain √(running_var+ε)/√(precise+ε)\nmedian and range over channels",
                 title="at the checkpoint")
     if trace:
@@ -190,7 +191,6 @@ def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
                     ylabel="median output gain", title="weights fixed, statistics moving on")
     for ax in axes:
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
