@@ -337,6 +337,31 @@ def _calibration(by_arm: Dict[str, List[Dict]]) -> str:
             f"(means over {len(big)} and {len(small)} seeds): {verdict}.")
 
 
+def _precise_bn_effect_table(by_arm: Dict[str, List[Dict]], iterations: Sequence[int]) -> str:
+    rows = []
+    for arm, runs in by_arm.items():
+        effects: Dict[int, List[float]] = {}
+        for run in runs:
+            for e in run["evaluations"]:
+                if "bbox_AP_precise_bn" in e:
+                    effects.setdefault(e["iteration"], []).append(
+                        e["bbox_AP_precise_bn"] - e["bbox_AP"])
+        if not effects:
+            continue
+        cells = []
+        for it in iterations:
+            values = effects.get(it, [])
+            if len(values) < len(runs):
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:+.1f}")
+            else:
+                cells.append(f"{statistics.fmean(values):+.1f} ({min(values):+.1f}, "
+                             f"{max(values):+.1f})")
+        rows.append([arm, len(runs), *cells])
+    return markdown_table(["arm", "seeds", *map(str, iterations)], rows)
+
+
 REPORT_FILES = ("results.md", "ap_curves.png")
 
 
@@ -393,7 +418,10 @@ def write_report(results_dir: str) -> List[str]:
         lines += ["", "MABN arms evaluated with their moving-average statistics and with PreciseBN "
                   "statistics (evaluation only; the training is the same run):", "",
                   markdown_table(["arm", "seeds", "box AP", "box AP, PreciseBN", "mask AP",
-                                  "mask AP, PreciseBN"], precise_rows)]
+                                  "mask AP, PreciseBN"], precise_rows),
+                  "", "PreciseBN's effect at each evaluation: box AP with PreciseBN statistics "
+                  "minus box AP with the moving-average statistics, mean over seeds (lowest, "
+                  "highest):", "", _precise_bn_effect_table(by_arm, iterations)]
     commands = sorted({r.get("command", "?") for r in records})
     lines += ["", "The runs (wall time: the training with its evaluations, summed over the "
               "sessions of a resumed run; the machine may have been busy with other work, which "

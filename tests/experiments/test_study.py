@@ -69,8 +69,25 @@ def test_report_is_rebuilt_from_the_records(tmp_path):
     assert "| MABN@2 | MABN | 16 | 20.0 (1 seed) |" in table
     assert "BN@16 45.0, BN@2 31.0 box AP" in table and "the data can rank norms" in table
     assert Path(paths[1]).stat().st_size > 1000
+    assert "PreciseBN" not in table
     write_fake_records(tmp_path, {"BN@2": [43.0, 44.0]})
     assert "BN@2 trails BN@16 by less than 3" in Path(write_report(str(tmp_path))[0]).read_text()
+
+
+def test_report_gives_precise_bn_effect_per_evaluation(tmp_path):
+    write_fake_records(tmp_path, {"MABN@2": [20.0, 30.0]})
+    for seed, effects in enumerate(((-4.0, 1.0), (-2.0, 0.5))):
+        path = Path(result_path(str(tmp_path), "MABN@2", seed))
+        record = json.loads(path.read_text())
+        for evaluation, effect in zip(record["evaluations"], effects):
+            evaluation["bbox_AP_precise_bn"] = evaluation["bbox_AP"] + effect
+            evaluation["segm_AP_precise_bn"] = evaluation["segm_AP"]
+        record["bbox_AP_precise_bn"] = record["evaluations"][-1]["bbox_AP_precise_bn"]
+        record["segm_AP_precise_bn"] = record["segm_AP"]
+        path.write_text(json.dumps(record))
+    table = Path(write_report(str(tmp_path))[0]).read_text()
+    assert "| MABN@2 | 0, 1 | 25.0 ± 7.1 | 25.8 ± 6.7 |" in table
+    assert "| MABN@2 | 2 | -3.0 (-4.0, -2.0) | +0.8 (+0.5, +1.0) |" in table
 
 
 def git(repo, *args):
