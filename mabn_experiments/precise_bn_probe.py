@@ -110,14 +110,18 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
         trace_every: forwards between two points of that trace.
 
     Returns:
-        {"evaluations": [{"statistics", "bbox_AP", "segm_AP"}], "layers": [{"name", "part",
+        {"iteration": iterations trained, "evaluations": [{"statistics", "bbox_AP",
+        "segm_AP"}], "layers": [{"name", "part",
         "channels", "gain_min", "gain_median", "gain_max", "far_channels"}], "frozen_trace":
         [{"forwards", "median_gain": {layer name: median over channels}}]}, where far_channels
         counts channels whose gain is outside [1/2, 2]; layers come by part (PARTS order), then
         in the model's order; the trace starts at 0 forwards.
     """
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(checkpoint)
+    iteration = DetectionCheckpointer(model).load(checkpoint).get("iteration")
+    if iteration is None:
+        raise ValueError(f"{checkpoint} holds no 'iteration': expected a checkpoint that "
+                         "Detectron2's trainer wrote")
     mabn = {name: m for name, m in model.named_modules() if isinstance(m, MABN2d)}
     training = {name: m.running_var.clone() for name, m in mabn.items()}
     precise = _precise_statistics(cfg, model, mabn, batches)
@@ -152,7 +156,8 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
                 if done % trace_every == 0 or done == frozen_forwards:
                     precise = _precise_statistics(cfg, model, mabn, batches)
                     trace.append({"forwards": done, "median_gain": _median_gains(mabn, precise)})
-    return {"evaluations": evaluations, "layers": layers, "frozen_trace": trace}
+    return {"iteration": iteration + 1, "evaluations": evaluations, "layers": layers,
+            "frozen_trace": trace}
 
 
 def stage_of(layer_name: str) -> str:
@@ -217,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="directory for NAME.json, NAME.md, NAME.png")
     parser.add_argument("--name", help="file stem (default: the run directory's arm_seed and the "
-                        "checkpoint's iteration)")
+                        "iterations the checkpoint trained)")
     return parser.parse_args(argv)
 
 
@@ -233,13 +238,12 @@ def main(argv=None) -> None:
     cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="precise_bn_probe_")
     cfg.freeze()
 
-    iteration = int(os.path.basename(args.checkpoint).split("_")[-1].split(".")[0]) + 1
-    run = os.path.normpath(args.run_dir).split(os.sep)[-2:]
-    name = args.name or f"{run[0]}_{run[1]}_iter{iteration}"
-    title = f"{run[0]} {run[1]}, after iteration {iteration}: PreciseBN over {args.batches} batches"
     result = probe(cfg, args.checkpoint, args.batches, args.frozen_forwards, args.trace_every)
-    result.update(run=" ".join(run), iteration=iteration, batches=args.batches,
-                  machine=describe_machine())
+    run = os.path.normpath(args.run_dir).split(os.sep)[-2:]
+    name = args.name or f"{run[0]}_{run[1]}_iter{result['iteration']}"
+    title = (f"{run[0]} {run[1]}, after iteration {result['iteration']}: PreciseBN over "
+             f"{args.batches} batches")
+    result.update(run=" ".join(run), batches=args.batches, machine=describe_machine())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -52,7 +52,13 @@ def test_probe_finds_the_part_whose_statistics_precise_bn_changes(tmp_path):
         if isinstance(m, MABN2d) and name.startswith(PARTS["ResNet"]):
             m.running_var.mul_(4).add_(3 * m.eps)
     checkpoint = run_dir / "model_0000003.pth"
-    torch.save({"model": model.state_dict()}, checkpoint)
+    torch.save({"model": model.state_dict(), "iteration": 3}, checkpoint)
+
+    weights_only = run_dir / "weights.pth"
+    torch.save({"model": model.state_dict()}, weights_only)
+    with pytest.raises(ValueError, match="weights.pth holds no 'iteration'"):
+        main([str(weights_only), "--run-dir", str(run_dir), "--dataset-dir", data,
+              "--out", str(tmp_path / "probe")])
 
     main([str(checkpoint), "--run-dir", str(run_dir), "--dataset-dir", data, "--batches", "2",
           "--frozen-forwards", "2", "--trace-every", "1", "--out", str(tmp_path / "probe")])
