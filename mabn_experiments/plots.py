@@ -13,7 +13,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from matplotlib.figure import Figure
 
 __all__ = ["MASK_RCNN_LOSSES", "bar_chart", "plot_ap_curves", "plot_training_curves",
-           "read_metrics", "save_predictions"]
+           "read_metrics", "save_predictions", "save_with_legends"]
 
 
 def read_metrics(output_dir: str) -> List[Dict]:
@@ -61,7 +61,7 @@ def plot_training_curves(runs: Dict[str, str], png_path: str, title: str = "",
                                    ha="center", fontsize=7)
     loss_ax.set(xlabel="iteration", ylabel="loss (median of 20 iterations)", yscale="log")
     ap_ax.set(xlabel="iteration", ylabel="COCO AP (val)")
-    return _save_with_legends(fig, (loss_ax, ap_ax), png_path, title, legend_size=7)
+    return save_with_legends(fig, (loss_ax, ap_ax), png_path, title, legend_size=7)
 
 
 def save_predictions(cfg, dataset_name: str, out_dir: str, count: int = 6,
@@ -163,10 +163,10 @@ def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
                         label=f"{label}, PreciseBN statistics")
     for ax, name in zip(axes, ("box AP", "mask AP")):
         ax.set(xlabel="iteration (optimizer step)", ylabel=f"COCO {name} (val)")
-    return _save_with_legends(fig, axes, png_path, title, legend_size=8)
+    return save_with_legends(fig, axes, png_path, title, legend_size=8)
 
 
-def _save_with_legends(fig, axes, png_path: str, title: str, legend_size: int):
+def save_with_legends(fig, axes, png_path: str, title: str, legend_size: int):
     """Grid and legend on every axis of `axes`, `title` above them; `fig` saved to `png_path`."""
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from mabn_det.config import load_config
 from mabn_det.engine import Trainer, precise_mabn_statistics
 from mabn_det.layers import MABN2d
 
+from .plots import save_with_legends
 from .runs import describe_machine, markdown_table
 from .shapes import register_shapes_split
 from .study import coco_ap
@@ -72,8 +73,8 @@ def output_gain(training_var: torch.Tensor, precise_var: torch.Tensor, eps: floa
     return ((training_var + eps) / (precise_var + eps)).sqrt()
 
 
-def _evaluate(cfg, model, statistics: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    layers = dict(model.named_modules())
+def _evaluate(cfg, model, layers: Dict[str, MABN2d],
+              statistics: Dict[str, torch.Tensor]) -> Dict[str, float]:
     with torch.no_grad():
         for name, var in statistics.items():
             layers[name].running_var.copy_(var)
@@ -134,14 +135,14 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
                        "gain_max": gain.max().item(),
                        "far_channels": int(((gain < 0.5) | (gain > 2)).sum())})
 
-    evaluations = [{"statistics": "training (running_var)", **_evaluate(cfg, model, training)},
-                   {"statistics": "PreciseBN everywhere", **_evaluate(cfg, model, precise)}]
+    evaluations = [{"statistics": "training (running_var)", **_evaluate(cfg, model, mabn, training)},
+                   {"statistics": "PreciseBN everywhere", **_evaluate(cfg, model, mabn, precise)}]
     parts = [p for p in PARTS if any(layer["part"] == p for layer in layers)]
     for part in parts:
         mixed = {name: precise[name] if part_of(name) == part else training[name]
                  for name in mabn}
         evaluations.append({"statistics": f"PreciseBN in {part} only",
-                            **_evaluate(cfg, model, mixed)})
+                            **_evaluate(cfg, model, mabn, mixed)})
 
     trace = []
     if frozen_forwards:
@@ -160,10 +161,11 @@ def probe(cfg, checkpoint: str, batches: int, frozen_forwards: int = 0,
             "frozen_trace": trace}
 
 
-def stage_of(layer_name: str) -> str:
-    """A ResNet layer's stage ("stem", "res2" … "res5"), else its part."""
-    part = part_of(layer_name)
-    return layer_name.split(".")[2] if part == "ResNet" else part
+def deepest_per_stage(layers: Sequence[Dict]) -> Dict[str, str]:
+    """Stage → name of its last layer in `layers` (a probe's "layers"); a ResNet layer's stage is
+    "stem", "res2" … "res5", any other layer's is its part."""
+    return {layer["name"].split(".")[2] if layer["part"] == "ResNet" else layer["part"]:
+            layer["name"] for layer in layers}
 
 
 def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
@@ -187,8 +189,7 @@ def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
                 ylabel="output gain √(running_var+ε)/√(precise+ε)\nmedian and range over channels",
                 title="at the checkpoint")
     if trace:
-        deepest = {stage_of(layer["name"]): layer["name"] for layer in layers}
-        for stage, name in deepest.items():
+        for stage, name in deepest_per_stage(layers).items():
             axes[1].plot([t["forwards"] for t in trace],
                          [t["median_gain"][name] for t in trace], "-o", markersize=3,
                          label=f"{stage} ({name.rsplit('.', 2)[-2]})")
@@ -196,12 +197,7 @@ def plot_gains(result: Dict, png_path: str, title: str) -> Figure:
                     ylabel="median output gain", title="weights fixed, statistics moving on")
     for ax in axes:
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    return fig
+    return save_with_legends(fig, axes, png_path, title, legend_size=7)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -259,7 +255,7 @@ def main(argv=None) -> None:
          for part in PARTS if (rows := [r for r in result["layers"] if r["part"] == part])])
     tables = [table, by_part]
     if result["frozen_trace"]:
-        deepest = {stage_of(layer["name"]): layer["name"] for layer in result["layers"]}
+        deepest = deepest_per_stage(result["layers"])
         tables.append(markdown_table(
             ["forwards, weights fixed", *(f"{stage} median gain" for stage in deepest)],
             [[t["forwards"], *(f"{t['median_gain'][n]:.2f}" for n in deepest.values())]
