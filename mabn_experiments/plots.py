@@ -131,23 +131,27 @@ def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[floa
 
 def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
                    title: str = "") -> Figure:
-    """Box and mask AP against iterations: per label, the mean over its runs and their range.
+    """Box AP (and mask AP, where every evaluation has it) against iterations: per label, the mean
+    over its runs and their range.
 
     Args:
         runs_by_label: label → one list per run of evaluations, each a dict with "iteration",
-            "bbox_AP" and "segm_AP" (and, drawn dashed, "bbox_AP_precise_bn" and
+            "bbox_AP" and possibly "segm_AP" (and, drawn dashed, "bbox_AP_precise_bn" and
             "segm_AP_precise_bn" where every evaluation has them). Iterations that not every run
             of a label reached are left out of its curve.
         png_path: where to write the figure.
 
     Returns:
-        The figure written: axes[0] box AP, axes[1] mask AP.
+        The figure written: axes[0] box AP, axes[1] mask AP if drawn.
     """
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
+    evaluations = [e for runs in runs_by_label.values() for run in runs for e in run]
+    tasks = [(key, name) for key, name in (("bbox_AP", "box AP"), ("segm_AP", "mask AP"))
+             if all(key in e for e in evaluations)]
+    fig = Figure(figsize=(5.5 * len(tasks), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
     for label, runs in runs_by_label.items():
         common = sorted(set.intersection(*({e["iteration"] for e in run} for run in runs)))
-        for ax, key in zip(axes, ("bbox_AP", "segm_AP")):
+        for ax, (key, _) in zip(axes, tasks):
             values = np.array([[next(e[key] for e in run if e["iteration"] == it) for it in common]
                                for run in runs])
             line = ax.plot(common, values.mean(0), "-o", markersize=3,
@@ -161,7 +165,7 @@ def plot_ap_curves(runs_by_label: Dict[str, List[List[Dict]]], png_path: str,
                                      for it in common] for run in runs])
                 ax.plot(common, precise.mean(0), "--", color=line.get_color(),
                         label=f"{label}, PreciseBN statistics")
-    for ax, name in zip(axes, ("box AP", "mask AP")):
+    for ax, (_, name) in zip(axes, tasks):
         ax.set(xlabel="iteration (optimizer step)", ylabel=f"COCO {name} (val)")
     return save_with_legends(fig, axes, png_path, title, legend_size=8)
 

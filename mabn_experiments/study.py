@@ -1,13 +1,13 @@
 """The paper's comparison in miniature: the same detector, data, schedule and optimizer batch for
 BN over 16 images, BN over 2, GN over 2, MABN over 2 (buffer 8 ⇒ statistics of 16 images) and MABN
-over 2 with a buffer of 1 (no moving averages).
+over 2 with a buffer of 1 (no moving averages), in each condition of `conditions.CONDITIONS`.
 
-Each (arm, seed) trains in its own output directory, checkpointing at every evaluation, so an
-interrupted run resumes exactly where it stopped; a finished run is summarised in one JSON file,
-and the report (a Markdown table and a PNG of AP against iterations) is rebuilt from those files.
+Each (condition, arm, seed) trains in its own output directory, checkpointing at every evaluation,
+so an interrupted run resumes exactly where it stopped; a finished run is summarised in one JSON
+record that names the code commit it ran and the command that re-runs it (`study_report` builds
+the report from the records).
 """
 import datetime
-import glob
 import json
 import logging
 import math
@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -27,11 +27,12 @@ from mabn_det.config import MABN_NORM_SITES, load_config, set_key
 from mabn_det.engine import Trainer
 from mabn_det.engine.trainer import has_mabn
 
-from .plots import plot_ap_curves, read_metrics
-from .runs import code_commit, describe_machine, markdown_table, mean_and_std, run_as_completed
-from .shapes import register_shapes_split
+from .conditions import register_dataset
+from .plots import read_metrics
+from .runs import code_commit, describe_machine, run_as_completed
 
-__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "run_study", "train_run", "write_report"]
+__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "differing_results", "read_evaluations",
+           "result_path", "run_study", "study_config", "train_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,12 @@ def configure_arm(cfg: CfgNode, arm: Arm) -> None:
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
-def coco_ap(results: Dict, task: str) -> float:
-    """The COCO AP of `task` ("bbox" or "segm") in Detectron2's evaluation `results`."""
+def coco_aps(results: Dict, suffix: str = "") -> Dict[str, float]:
+    """{"bbox_AP" (and "segm_AP" for a model with masks) + suffix: COCO AP} of Detectron2's
+    evaluation `results`."""
     # Detectron2 reports NaN when the model predicts nothing at all, which COCO would score 0.
-    value = results[task]["AP"]
-    return 0.0 if math.isnan(value) else round(float(value), 3)
+    return {f"{task}_AP{suffix}": 0.0 if math.isnan(results[task]["AP"]) else
+            round(float(results[task]["AP"]), 3) for task in ("bbox", "segm") if task in results}
 
 
 class StudyEvaluation(HookBase):
@@ -125,14 +127,10 @@ class StudyEvaluation(HookBase):
         if next_iter % self._period and next_iter != self.trainer.max_iter:
             return
         cfg, model = self.trainer.cfg, self.trainer.model
-        results = Trainer.test(cfg, model)
-        record = {"iteration": next_iter, "bbox_AP": coco_ap(results, "bbox"),
-                  "segm_AP": coco_ap(results, "segm")}
+        record = {"iteration": next_iter, **coco_aps(Trainer.test(cfg, model))}
         if self._precise_cfg is not None and has_mabn(model):
             # Trainer.test restores every buffer and random generator after PreciseBN.
-            precise = Trainer.test(self._precise_cfg, model)
-            record.update(bbox_AP_precise_bn=coco_ap(precise, "bbox"),
-                          segm_AP_precise_bn=coco_ap(precise, "segm"))
+            record.update(coco_aps(Trainer.test(self._precise_cfg, model), "_precise_bn"))
         self.trainer.storage.put_scalars(
             **{key.replace("_AP", "/AP"): value for key, value in record.items()
                if key != "iteration"}, smoothing_hint=False)
@@ -161,26 +159,31 @@ class StudyTrainer(Trainer):
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One (arm, seed) of the study and where it trains.
+    """One (condition, arm, seed) of the study and where it trains.
 
     Attributes:
+        data: what `dataset_dir` holds, as `Condition.data` says ("trees" or a shapes style).
         opts: KEY VALUE overrides applied after the arm's settings.
-        threads: torch threads of the run's process.
+        threads: torch threads of the run's process (results depend on it, in the last bits).
         precise_bn_batches: training batches of the PreciseBN evaluation of MABN arms; 0 for none.
+        command: the command line, relative to the repository, that re-runs exactly this run.
     """
 
+    condition: str
     arm: str
     seed: int
     config_file: str
+    data: str
     dataset_dir: str
     output_dir: str
     opts: Sequence[str]
     threads: int
     precise_bn_batches: int
+    command: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.arm}_seed{self.seed}"
+        return f"{self.condition}/{self.arm}_seed{self.seed}"
 
 
 def study_config(run: StudyRun) -> CfgNode:
@@ -199,8 +202,7 @@ def train_run(run: StudyRun) -> Dict:
     """Train and evaluate one (arm, seed) in the current (worker) process, resuming from the last
     checkpoint in its output directory if there is one; returns its record (see `run_record`)."""
     torch.set_num_threads(run.threads)
-    for split in ("train", "val"):
-        register_shapes_split(f"study_{split}", run.dataset_dir, split)
+    register_dataset(run.data, run.dataset_dir, ("study_train", "study_val"))
     cfg = study_config(run)
     os.makedirs(run.output_dir, exist_ok=True)
     setup_logger(run.output_dir)
@@ -229,8 +231,8 @@ MABN_DIAGNOSTICS = ("mabn/renorm_mean", "mabn/renorm_clipped", "mabn/chi_ratio_m
 
 
 def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
-    """What one finished run contributes to the study: its AP at every evaluation, its time and
-    settings. Everything but the command line (added by `run_study`)."""
+    """What one finished run contributes to the study: its AP at every evaluation, its time,
+    settings, code commit and the command that re-runs it."""
     evaluations = read_evaluations(run.output_dir)
     sessions: Dict[str, float] = {}
     for record in evaluations:
@@ -243,8 +245,9 @@ def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
                    and all(k in m for k in MABN_DIAGNOSTICS)]
     arm = ARMS[run.arm]
     final = evaluations[-1]
+    commit = code_commit(_REPO)
     return {
-        "arm": run.arm, "seed": run.seed, "norm": arm.norm, "micro_batches": arm.micro_batches,
+        "condition": run.condition, "arm": run.arm, "seed": run.seed, "norm": arm.norm, "micro_batches": arm.micro_batches,
         "mabn_buffer": arm.mabn_buffer, "images_per_statistic": arm.images_per_statistic,
         "images_per_step": IMAGES_PER_STEP, "iterations": cfg.SOLVER.MAX_ITER,
         **{k: v for k, v in final.items() if "_AP" in k},
@@ -262,181 +265,53 @@ def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
         "config_file": os.path.relpath(run.config_file, _REPO),
         "opts": list(run.opts),
         "dataset": os.path.basename(run.dataset_dir),
-        "code_commit": code_commit(_REPO),
+        # The tree's tracked files as committed, or not: a run of uncommitted code cannot be
+        # re-run from its record.
+        "code_commit": commit and commit.removesuffix("+changes"),
+        "code_clean": commit is not None and not commit.endswith("+changes"),
+        "command": run.command,
     }
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What a record says about where, when and from what a run ran, rather than what it measured.
+PROVENANCE_KEYS = ("condition", "wall_seconds", "seconds_per_iteration", "machine", "date",
+                   "code_commit", "code_clean", "code_commit_note", "command")
 
-def result_path(results_dir: str, arm: str, seed: int) -> str:
-    """Where the record of (arm, seed) is kept."""
-    return os.path.join(results_dir, "runs", f"{arm}_seed{seed}.json")
+
+def differing_results(committed: Dict, fresh: Dict) -> List[str]:
+    """The keys of `committed` whose values `fresh` does not repeat, provenance aside: empty when a
+    re-run measured exactly what the committed record says."""
+    return [key for key in committed
+            if key not in PROVENANCE_KEYS and fresh.get(key) != committed[key]]
 
 
-def run_study(runs: Sequence[StudyRun], results_dir: str, jobs: int, command: str,
-              on_result=None) -> List[Dict]:
+def result_path(results_dir: str, condition: str, arm: str, seed: int) -> str:
+    """Where the record of (condition, arm, seed) is kept."""
+    return os.path.join(results_dir, condition, "runs", f"{arm}_seed{seed}.json")
+
+
+def run_study(runs: Sequence[StudyRun], results_dir: str, jobs: int,
+              on_result: Callable[[Dict, str], None] | None = None) -> List[Dict]:
     """Train every run of `runs` whose record is not in `results_dir` yet, `jobs` at a time, each in
-    a fresh process; as each finishes, write its record (with `command`), rebuild the report and
-    call `on_result(paths written)`. Returns the new records."""
-    todo = [r for r in runs if not os.path.exists(result_path(results_dir, r.arm, r.seed))]
+    a fresh process; as each finishes, write its record and call `on_result(record, its path)`.
+    Returns the new records."""
+    todo = []
     for run in runs:
-        if run not in todo:
-            logger.info("%s: finished earlier (%s), skipped", run.name,
-                        result_path(results_dir, run.arm, run.seed))
+        path = result_path(results_dir, run.condition, run.arm, run.seed)
+        if os.path.exists(path):
+            logger.info("%s: finished earlier (%s), skipped", run.name, path)
+        else:
+            todo.append(run)
     records = []
-    for index, record in run_as_completed(train_run, todo, jobs, desc="study runs"):
-        record["command"] = command
-        path = result_path(results_dir, record["arm"], record["seed"])
+    for _, record in run_as_completed(train_run, todo, jobs, desc="study runs"):
+        path = result_path(results_dir, record["condition"], record["arm"], record["seed"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
-        report = write_report(results_dir)
         if on_result is not None:
-            on_result(record, [path, *report])
+            on_result(record, path)
         records.append(record)
     return records
-
-
-def read_records(results_dir: str) -> List[Dict]:
-    """Every run record in `results_dir`, in ARMS then seed order."""
-    records = []
-    for path in glob.glob(os.path.join(results_dir, "runs", "*.json")):
-        with open(path) as f:
-            records.append(json.load(f))
-    order = list(ARMS)
-    return sorted(records, key=lambda r: (order.index(r["arm"]), r["seed"]))
-
-
-def _mean_cell(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    mean, std = mean_and_std(values)
-    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f} (1 seed)"
-
-
-# BN@2 must trail BN@16 by at least this much box AP for the data to rank norms.
-CALIBRATION_GAP = 3.0
-CALIBRATION_TARGET = 40.0
-
-
-def _calibration(by_arm: Dict[str, List[Dict]]) -> str:
-    big, small = by_arm.get("BN@16", []), by_arm.get("BN@2", [])
-    if not big or not small:
-        return "Calibration: waiting for BN@16 and BN@2."
-    big_ap, small_ap = (statistics.fmean(r["bbox_AP"] for r in rs) for rs in (big, small))
-    reaches = big_ap >= CALIBRATION_TARGET
-    separates = big_ap - small_ap >= CALIBRATION_GAP
-    verdict = ("the data can rank norms" if reaches and separates else
-               "the data cannot rank norms yet: " + (
-                   f"BN@16 is below {CALIBRATION_TARGET:.0f} box AP" if not reaches else
-                   f"BN@2 trails BN@16 by less than {CALIBRATION_GAP:.0f} box AP"))
-    return (f"Calibration (BN@16 ≥ {CALIBRATION_TARGET:.0f} box AP, BN@2 ≥ "
-            f"{CALIBRATION_GAP:.0f} below it): BN@16 {big_ap:.1f}, BN@2 {small_ap:.1f} box AP "
-            f"(means over {len(big)} and {len(small)} seeds): {verdict}.")
-
-
-def _precise_bn_effect_table(by_arm: Dict[str, List[Dict]], iterations: Sequence[int]) -> str:
-    rows = []
-    for arm, runs in by_arm.items():
-        effects: Dict[int, List[float]] = {}
-        for run in runs:
-            for e in run["evaluations"]:
-                if "bbox_AP_precise_bn" in e:
-                    effects.setdefault(e["iteration"], []).append(
-                        e["bbox_AP_precise_bn"] - e["bbox_AP"])
-        if not effects:
-            continue
-        cells = []
-        for it in iterations:
-            values = effects.get(it, [])
-            if len(values) < len(runs):
-                cells.append("–")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:+.1f}")
-            else:
-                cells.append(f"{statistics.fmean(values):+.1f} ({min(values):+.1f}, "
-                             f"{max(values):+.1f})")
-        rows.append([arm, len(runs), *cells])
-    return markdown_table(["arm", "seeds", *map(str, iterations)], rows)
-
-
-REPORT_FILES = ("results.md", "ap_curves.png")
-
-
-def write_report(results_dir: str) -> List[str]:
-    """Rebuild `results_dir/results.md` (tables) and `ap_curves.png` (AP against iterations, mean
-    and spread per arm) from the run records. Returns the paths written."""
-    records = read_records(results_dir)
-    by_arm: Dict[str, List[Dict]] = {}
-    for record in records:
-        by_arm.setdefault(record["arm"], []).append(record)
-    rows, precise_rows = [], []
-    for arm, runs in by_arm.items():
-        rows.append([arm, ARMS[arm].norm, ARMS[arm].images_per_statistic,
-                     _mean_cell([r["bbox_AP"] for r in runs]),
-                     _mean_cell([r["segm_AP"] for r in runs]),
-                     ", ".join(f"{r['bbox_AP']:.1f}" for r in runs),
-                     ", ".join(str(r["seed"]) for r in runs),
-                     f"{statistics.fmean(r['seconds_per_iteration'] for r in runs):.2f}"])
-        if all("bbox_AP_precise_bn" in r for r in runs):
-            precise_rows.append([arm, ", ".join(str(r["seed"]) for r in runs),
-                                 *(_mean_cell([r[k] for r in runs]) for k in (
-                                     "bbox_AP", "bbox_AP_precise_bn", "segm_AP",
-                                     "segm_AP_precise_bn"))])
-    sample = records[0] if records else {}
-    lines = [
-        "# The norm study: results so far",
-        "",
-        "Written by `tools/compare_norms.py` from the run records in `runs/` (rebuild with "
-        "`--report-only`). Every arm: the same Mask R-CNN R18-FPN, data, schedule and optimizer "
-        f"batch of {IMAGES_PER_STEP} images; \"@2\" arms accumulate 8 micro-batches of 2 images.",
-        "",
-        _calibration(by_arm),
-        "",
-        f"Final COCO AP on the validation set ({sample.get('iterations', '?')} iterations; "
-        "mean ± sample std over seeds):",
-        "",
-        markdown_table(["arm", "norm", "images per statistic", "box AP", "mask AP",
-                        "box AP per seed", "seeds", "s/iteration"], rows),
-    ]
-    curve_rows = []
-    for arm, runs in by_arm.items():
-        points = {}
-        for run in runs:
-            for e in run["evaluations"]:
-                points.setdefault(e["iteration"], []).append(e["bbox_AP"])
-        curve_rows.append((arm, {it: statistics.fmean(v) for it, v in points.items()
-                                 if len(v) == len(runs)}))
-    iterations = sorted({it for _, curve in curve_rows for it in curve})
-    lines += ["", "Box AP at each evaluation (mean over the arm's seeds):", "",
-              markdown_table(["arm", *map(str, iterations)],
-                             [[arm, *(f"{curve[it]:.1f}" if it in curve else "–"
-                                      for it in iterations)] for arm, curve in curve_rows])]
-    if precise_rows:
-        lines += ["", "MABN arms evaluated with their moving-average statistics and with PreciseBN "
-                  "statistics (evaluation only; the training is the same run):", "",
-                  markdown_table(["arm", "seeds", "box AP", "box AP, PreciseBN", "mask AP",
-                                  "mask AP, PreciseBN"], precise_rows),
-                  "", "PreciseBN's effect at each evaluation: box AP with PreciseBN statistics "
-                  "minus box AP with the moving-average statistics, mean over seeds (lowest, "
-                  "highest):", "", _precise_bn_effect_table(by_arm, iterations)]
-    commands = sorted({r.get("command", "?") for r in records})
-    lines += ["", "The runs (wall time: the training with its evaluations, summed over the "
-              "sessions of a resumed run; the machine may have been busy with other work, which "
-              "changes times but not results):", "",
-              markdown_table(["arm", "seed", "date", "machine", "threads", "wall time",
-                              "s/iteration", "code"],
-                             [[r["arm"], r["seed"], r["date"], r["machine"], r["threads"],
-                               f"{r['wall_seconds'] / 60:.0f} min",
-                               f"{r['seconds_per_iteration']:.2f}",
-                               (r.get("code_commit") or "–")[:12]] for r in records]),
-              "", "Command: " + ", ".join(f"`{c}`" for c in commands) + ".", "",
-              "![AP against iterations](ap_curves.png)", ""]
-    paths = [os.path.join(results_dir, name) for name in REPORT_FILES]
-    with open(paths[0], "w") as f:
-        f.write("\n".join(lines))
-    plot_ap_curves({arm: [r["evaluations"] for r in runs] for arm, runs in by_arm.items()},
-                   paths[1], "AP against iterations (line: mean over seeds; band: min to max)")
-    return paths

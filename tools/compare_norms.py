@@ -1,59 +1,51 @@
 #!/usr/bin/env python
-"""The paper's comparison on the "study" shapes style: BN@16, BN@2, GN@2, MABN@2 and MABN@2 with a
-buffer of 1 (same model, data, schedule and optimizer batch of 16; "@2" arms accumulate 8
-micro-batches of 2 images).
+"""The norm study: BN@16, BN@2, GN@2, MABN@2 (and MABN@2 with a buffer of 1) in every condition of
+mabn_experiments/conditions.py (same model, data, schedule and optimizer batch of 16 within a
+condition; "@2" arms accumulate 8 micro-batches of 2 images).
 
-    python tools/compare_norms.py --tiny                 # CPU, a minute: checks the pipeline
-    python tools/compare_norms.py --out /work/study-output --commit    # the study, resumable
-    python tools/compare_norms.py --report-only          # rebuild the report from the records
+    python tools/compare_norms.py --tiny                          # CPU, minutes: the pipeline
+    python tools/compare_norms.py --condition plain trees --commit  # the study, resumable
+    python tools/compare_norms.py --report-only                   # rebuild the report
+    python tools/reproduce_run.py docs/study/plain/runs/BN@2_seed0.json   # re-run one record
 
-Each (arm, seed) trains in OUT/<arm>/seed<k>/ (logs, checkpoints at every evaluation, metrics),
-resuming there if it was interrupted; a finished run writes RESULTS/runs/<arm>_seed<k>.json and is
-skipped from then on. After each run the report (RESULTS/results.md, RESULTS/ap_curves.png) is
-rebuilt, and with --commit the record and the report, and nothing else, are committed in the git
-repository that holds RESULTS.
+Runs go seed by seed, so every condition and arm gets its first seed before any gets a second.
+Each (condition, arm, seed) trains in OUT/<condition>/<arm>/seed<k>/ (logs, a checkpoint at every
+evaluation, metrics), resuming there if it was interrupted; a finished run writes
+RESULTS/<condition>/runs/<arm>_seed<k>.json, with its code commit and the command that re-runs it,
+and is skipped from then on. After each run the report is rebuilt (RESULTS/results.md,
+RESULTS/<condition>/ap_curves.png); with --commit the record and the report, nothing else, are
+committed in the git repository that holds RESULTS.
 """
 import argparse
 import os
 import shlex
-import sys
 
-from mabn_det.config import load_config
+from mabn_experiments.conditions import CONDITIONS, TINY_OPTS, prepare_dataset
 from mabn_experiments.runs import commit_files, threads_per_job
-from mabn_experiments.shapes import generate_shapes_dataset, shapes_dataset_exists
-from mabn_experiments.study import ARMS, StudyRun, run_study, write_report
+from mabn_experiments.study import ARMS, StudyRun, run_study
+from mabn_experiments.study_report import REPORT_NAME, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STYLE = "study"
-DATA_SEED = 1
-# (train images, val images) of the generated set, and the config overrides of each mode.
-FULL = dict(data=(3000, 300), opts=[], precise_bn_batches=100)
-TINY = dict(data=(24, 6), precise_bn_batches=2,
-            opts=["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "2",
-                  "TEST.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-                  "MODEL.MABN.WARMUP_ITERS", "1", "MODEL.MABN.RENORM_WARMUP_ITERS", "2",
-                  "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-                  "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+TOOL = "tools/compare_norms.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--condition", nargs="+", choices=list(CONDITIONS),
+                        default=list(CONDITIONS), help="default: all")
     parser.add_argument("--tiny", action="store_true",
                         help="4 iterations on 64 px images: checks the pipeline, ranks nothing")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS),
+                        help="only these of each condition's arms")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these of each condition's seeds")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
     parser.add_argument("--threads", type=int,
-                        help="torch threads per run (default: the cores divided by --jobs)")
-    parser.add_argument("--config-file",
-                        default=os.path.join(REPO, "configs", "tiny", "study_R18_FPN_shapes.yaml"))
+                        help="torch threads per run (default: the cores divided by --jobs); "
+                        "results depend on it in the last bits, so a record names it")
     parser.add_argument("--out", help="training outputs and the generated data (default: "
                         "output/compare_norms, or output/compare_norms_tiny with --tiny)")
     parser.add_argument("--results", help="run records and report (default: docs/study in the "
                         "repository, or OUT/results with --tiny)")
-    parser.add_argument("--precise-bn-batches", type=int,
-                        help="training batches of the extra PreciseBN evaluation of MABN arms, 0 "
-                        f"for none (default: {FULL['precise_bn_batches']})")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each finished run's record and the report")
     parser.add_argument("--report-only", action="store_true",
@@ -62,47 +54,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plan_runs(args: argparse.Namespace, out: str, threads: int) -> list:
+    """The StudyRuns the arguments ask for, seed by seed, then condition, then arm."""
+    runs = []
+    datasets = {}
+    for seed in sorted({s for name in args.condition for s in CONDITIONS[name].seeds}
+                       | set(args.seeds or ())):
+        for name in args.condition:
+            condition = CONDITIONS[name]
+            if seed not in (args.seeds or condition.seeds):
+                continue
+            for arm in condition.arms:
+                if args.arms and arm not in args.arms:
+                    continue
+                if name not in datasets:
+                    datasets[name] = prepare_dataset(condition, os.path.join(out, "datasets"),
+                                                     tiny=args.tiny)
+                opts = [*condition.opts, *(TINY_OPTS if args.tiny else ()), *args.opts]
+                precise = (2 if args.tiny and condition.precise_bn_batches
+                           else condition.precise_bn_batches)
+                command = ["python", TOOL, "--condition", name, "--arms", arm, "--seeds",
+                           str(seed), "--threads", str(threads), *(["--tiny"] if args.tiny else []),
+                           *args.opts]
+                runs.append(StudyRun(name, arm, seed, condition.config_path, condition.data,
+                                     datasets[name], os.path.join(out, name, arm, f"seed{seed}"),
+                                     opts, threads, precise, shlex.join(command)))
+    return runs
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    mode = TINY if args.tiny else FULL
     out = os.path.abspath(args.out or ("output/compare_norms_tiny" if args.tiny
                                        else "output/compare_norms"))
     results = os.path.abspath(args.results or (os.path.join(out, "results") if args.tiny
                                                else os.path.join(REPO, "docs", "study")))
     os.makedirs(results, exist_ok=True)
-
-    def commit(record, paths):
-        if args.commit:
-            final = f"{record['bbox_AP']:.1f} box / {record['segm_AP']:.1f} mask AP"
-            commit_files(paths, f"study: {record['arm']} seed {record['seed']}, "
-                         f"{record['iterations']} iterations: {final}")
-
     if args.report_only:
         paths = write_report(results)
         if args.commit:
             commit_files(paths, "study: report rebuilt from the run records")
         print(open(paths[0]).read())
         return
-    opts = [*mode["opts"], *args.opts]
-    size = load_config(args.config_file)
-    size.merge_from_list(opts)
-    num_train, num_val = mode["data"]
-    image_size = size.INPUT.MIN_SIZE_TEST
-    dataset_dir = os.path.join(out, "datasets",
-                               f"{STYLE}_{num_train}_{image_size}px_seed{DATA_SEED}")
-    if not shapes_dataset_exists(dataset_dir, num_train=num_train, num_val=num_val,
-                                 image_size=image_size, seed=DATA_SEED, style=STYLE):
-        generate_shapes_dataset(dataset_dir, num_train, num_val, image_size, seed=DATA_SEED,
-                                style=STYLE)
-    precise = (mode["precise_bn_batches"] if args.precise_bn_batches is None
-               else args.precise_bn_batches)
-    threads = args.threads or threads_per_job(args.jobs)
-    runs = [StudyRun(arm, seed, os.path.abspath(args.config_file), dataset_dir,
-                     os.path.join(out, arm, f"seed{seed}"), opts, threads, precise)
-            for seed in args.seeds for arm in args.arms]
-    command = shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-    run_study(runs, results, args.jobs, command, on_result=commit)
-    print(open(os.path.join(results, "results.md")).read())
+
+    def on_result(record, path):
+        report = write_report(results)
+        if args.commit:
+            aps = " / ".join(f"{record[k]:.1f} {name}" for k, name in (
+                ("bbox_AP", "box"), ("segm_AP", "mask")) if k in record)
+            commit_files([path, *report], f"study {record['condition']}: {record['arm']} seed "
+                         f"{record['seed']}, {record['iterations']} iterations: {aps} AP")
+
+    runs = plan_runs(args, out, args.threads or threads_per_job(args.jobs))
+    run_study(runs, results, args.jobs, on_result=on_result)
+    print(open(os.path.join(results, REPORT_NAME)).read())
 
 
 if __name__ == "__main__":

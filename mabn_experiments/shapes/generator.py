@@ -111,7 +111,7 @@ def generate_shapes_dataset(
             bar.set_description(f"shapes {split}")
             _write_split(dataset_dir, split, split_sizes[split], image_size, seed,
                          SCENE_STYLES[style], bar.update)
-    _write_json(manifest_file, _manifest(num_train, num_val, image_size, seed, style))
+    write_json_atomically(manifest_file, _manifest(num_train, num_val, image_size, seed, style))
     return dataset_dir
 
 
@@ -208,7 +208,7 @@ def _write_split(
     }
     annotation_file = split_annotation_file(dataset_dir, split)
     annotation_file.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(annotation_file, coco)
+    write_json_atomically(annotation_file, coco)
 
 
 def _coco_annotation(instance: ShapeInstance, annotation_id: int, image_id: int) -> dict:
@@ -229,7 +229,7 @@ def _coco_annotation(instance: ShapeInstance, annotation_id: int, image_id: int)
     }
 
 
-def _write_json(path: Path, content: dict) -> None:
+def write_json_atomically(path: Path, content: dict) -> None:
     """Write compact json atomically, so readers never see a half-written file."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w", encoding="utf-8", newline="\n") as f:
