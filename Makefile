@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed-$(ENV_HASH)
 setup: $(STAMP)
 
 # Detectron2's wheel requires numpy<2, and pip resolves the extras without weighing what is
-# installed: unpinned, ONNX's ml_dtypes would pull numpy 2 under it.
+# installed: unpinned, ONNX's ml_dtypes would pull numpy 2 under it. The study's "trees" condition
+# reads the aerial images bundled with deepforest, which needs none of deepforest's dependencies.
 $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,7 @@ $(STAMP):
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q -e ".[test]" "numpy<2"
+	$(PY) -m pip install -q --no-deps deepforest==2.1.0
 	touch $@
 
 test: setup

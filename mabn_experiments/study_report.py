@@ -5,7 +5,7 @@ import glob
 import json
 import os
 import statistics
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from .conditions import CALIBRATION_GAP, CONDITIONS, Condition
 from .plots import plot_ap_curves
@@ -42,11 +42,12 @@ def _by_arm(records: List[Dict]) -> Dict[str, List[Dict]]:
     return by_arm
 
 
-def calibration(condition: Condition, by_arm: Dict[str, List[Dict]]) -> str:
-    """One sentence: whether `condition`'s BN@16 learns the task and BN@2 trails it clearly."""
+def calibration(condition: Condition, by_arm: Dict[str, List[Dict]]) -> Tuple[bool | None, str]:
+    """Whether `condition` can rank norms (its BN@16 learns the task and BN@2 trails it clearly;
+    None until both have runs), and one sentence saying why."""
     big, small = by_arm.get("BN@16", []), by_arm.get("BN@2", [])
     if not big or not small:
-        return "Calibration: waiting for BN@16 and BN@2."
+        return None, "Calibration: waiting for BN@16 and BN@2."
     big_ap, small_ap = (statistics.fmean(r["bbox_AP"] for r in rs) for rs in (big, small))
     target = condition.calibration_target
     reaches = big_ap >= target
@@ -55,9 +56,10 @@ def calibration(condition: Condition, by_arm: Dict[str, List[Dict]]) -> str:
                "this condition cannot rank norms: " + (
                    f"BN@16 is below {target:.0f} box AP" if not reaches else
                    f"BN@2 trails BN@16 by less than {CALIBRATION_GAP:.0f} box AP"))
-    return (f"Calibration (BN@16 ≥ {target:.0f} box AP, BN@2 ≥ {CALIBRATION_GAP:.0f} below it): "
-            f"BN@16 {big_ap:.1f}, BN@2 {small_ap:.1f} box AP (means over {len(big)} and "
-            f"{len(small)} seeds): {verdict}.")
+    return reaches and separates, (
+        f"Calibration (BN@16 ≥ {target:.0f} box AP, BN@2 ≥ {CALIBRATION_GAP:.0f} below it): "
+        f"BN@16 {big_ap:.1f}, BN@2 {small_ap:.1f} box AP (means over {len(big)} and "
+        f"{len(small)} seeds): {verdict}.")
 
 
 def _precise_bn_effect_table(by_arm: Dict[str, List[Dict]], iterations: Sequence[int]) -> str:
@@ -106,7 +108,7 @@ def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
              + (f" with `{' '.join(condition.opts)}`" if condition.opts else "")
              + f"; arms {', '.join(condition.arms)}; seeds "
              f"{', '.join(map(str, condition.seeds))}.", "",
-             calibration(condition, by_arm), "",
+             calibration(condition, by_arm)[1], "",
              f"Final COCO AP on the validation set ({records[0]['iterations']} iterations; "
              "mean ± sample std over seeds):", "",
              markdown_table(["arm", "norm", "images per statistic", "box AP",
@@ -164,9 +166,9 @@ def _summary_table(records_by_condition: Dict[str, List[Dict]]) -> str:
             if runs and CONDITIONS[name].has_masks:
                 box += f" / {_mean_cell([r['segm_AP'] for r in runs])}"
             cells.append(box)
-        verdict = calibration(CONDITIONS[name], by_arm)
-        ranks = "yes" if "can rank" in verdict else "no" if "cannot" in verdict else "pending"
-        rows.append([name, records[0]["iterations"], *cells, ranks])
+        ranks = calibration(CONDITIONS[name], by_arm)[0]
+        rows.append([name, records[0]["iterations"], *cells,
+                     {True: "yes", False: "no", None: "pending"}[ranks]])
     return markdown_table(["condition", "steps", *arms, "calibrated"], rows)
 
 

@@ -8,10 +8,10 @@ from detectron2.utils.env import seed_all_rng
 from mabn_det.engine import Trainer
 from mabn_det.engine.hooks import update_mabn_stats
 from mabn_det.layers import MABN2d
+from mabn_experiments.conditions import CONDITIONS, TINY_OPTS
 from mabn_experiments.precise_bn_probe import PARTS, main, output_gain, part_of
 from mabn_experiments.shapes import generate_shapes_dataset, register_shapes_split
 from mabn_experiments.study import StudyRun, study_config
-from tests.experiments.test_study import REPO, TINY_OPTS
 
 
 def test_output_gain_is_the_rescaling_of_the_normalised_output():
@@ -36,8 +36,8 @@ def test_probe_finds_the_part_whose_statistics_precise_bn_changes(tmp_path):
     for split in ("train", "val"):
         register_shapes_split(f"study_{split}", data, split)
     run_dir = tmp_path / "out" / "MABN@2" / "seed0"
-    run = StudyRun("MABN@2", 0, str(REPO / "configs" / "tiny" / "study_R18_FPN_shapes.yaml"), data,
-                   str(run_dir), TINY_OPTS, 1, 2)
+    run = StudyRun("photometric", "MABN@2", 0, CONDITIONS["photometric"].config_path, "study",
+                   data, str(run_dir), TINY_OPTS, 1, 2)
     cfg = study_config(run)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.dump())

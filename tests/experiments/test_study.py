@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mabn_experiments.conditions import CONDITIONS, TINY_OPTS
 from mabn_experiments.runs import commit_files
 from mabn_experiments.shapes import generate_shapes_dataset
 from mabn_experiments.study import (
@@ -15,19 +17,14 @@ from mabn_experiments.study import (
     StudyRun,
     StudyTrainer,
     configure_arm,
-    read_records,
+    differing_results,
     result_path,
     train_run,
-    write_report,
 )
+from mabn_experiments.study_report import read_records, write_report
 from tests.common import make_cfg
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_OPTS = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "2",
-             "TEST.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-             "MODEL.MABN.WARMUP_ITERS", "1", "MODEL.MABN.RENORM_WARMUP_ITERS", "2",
-             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-             "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
@@ -46,38 +43,53 @@ def test_arms_share_the_optimizer_batch_and_differ_in_normalisation(arm):
         assert statistic == ARMS[arm].images_per_statistic == (16 if arm == "MABN@2" else 2)
 
 
-def fake_record(arm, seed, ap):
-    evaluations = [{"iteration": i, "bbox_AP": ap * i / 4, "segm_AP": ap * i / 8} for i in (2, 4)]
-    return {"arm": arm, "seed": seed, "iterations": 4, "bbox_AP": ap, "segm_AP": ap / 2,
-            "evaluations": evaluations, "seconds_per_iteration": 1.0, "wall_seconds": 60.0,
-            "date": "2026-12-02", "machine": "test", "threads": 1}
+def fake_record(condition, arm, seed, ap):
+    masks = CONDITIONS[condition].has_masks
+    evaluations = [{"iteration": i, "bbox_AP": ap * i / 4,
+                    **({"segm_AP": ap * i / 8} if masks else {})} for i in (2, 4)]
+    return {"condition": condition, "arm": arm, "seed": seed, "iterations": 4, "bbox_AP": ap,
+            **({"segm_AP": ap / 2} if masks else {}), "evaluations": evaluations,
+            "seconds_per_iteration": 1.0, "wall_seconds": 60.0, "date": "2026-12-02",
+            "machine": "test", "threads": 1, "code_commit": "0123456789abcdef", "code_clean": True}
 
 
-def write_fake_records(results, aps):
+def write_fake_records(results, aps, condition="photometric"):
     for arm, values in aps.items():
         for seed, ap in enumerate(values):
-            path = Path(result_path(str(results), arm, seed))
+            path = Path(result_path(str(results), condition, arm, seed))
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(fake_record(arm, seed, ap)))
+            path.write_text(json.dumps(fake_record(condition, arm, seed, ap)))
 
 
 def test_report_is_rebuilt_from_the_records(tmp_path):
     write_fake_records(tmp_path, {"BN@16": [44.0, 46.0], "BN@2": [30.0, 32.0], "MABN@2": [20.0]})
+    write_fake_records(tmp_path, {"BN@16": [25.0], "BN@2": [24.0]}, condition="trees")
     paths = write_report(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [
+        "results.md", os.path.join("photometric", "ap_curves.png"),
+        os.path.join("trees", "ap_curves.png")]
     table = Path(paths[0]).read_text()
+    # The summary: box / mask AP where the task has masks, box AP alone where it has none.
+    assert ("| photometric | 4 | 45.0 ± 1.4 / 22.5 ± 0.7 | 31.0 ± 1.4 / 15.5 ± 0.7 | "
+            "20.0 (1 seed) / 10.0 (1 seed) | yes |") in table
+    assert "| trees | 4 | 25.0 (1 seed) | 24.0 (1 seed) | – | no |" in table
     assert "| BN@16 | BN | 16 | 45.0 ± 1.4 | 22.5 ± 0.7 | 44.0, 46.0 | 0, 1 |" in table
     assert "| MABN@2 | MABN | 16 | 20.0 (1 seed) |" in table
-    assert "BN@16 45.0, BN@2 31.0 box AP" in table and "the data can rank norms" in table
-    assert Path(paths[1]).stat().st_size > 1000
+    assert "BN@16 45.0, BN@2 31.0 box AP" in table and "this condition can rank norms" in table
+    assert "BN@16 25.0, BN@2 24.0 box AP" in table and "BN@2 trails BN@16 by less than 3" in table
+    assert "| BN@16 | BN | 16 | 25.0 (1 seed) | 25.0 | 0 |" in table  # no mask column
+    assert all(Path(p).stat().st_size > 1000 for p in paths[1:])
     assert "PreciseBN" not in table
-    write_fake_records(tmp_path, {"BN@2": [43.0, 44.0]})
-    assert "BN@2 trails BN@16 by less than 3" in Path(write_report(str(tmp_path))[0]).read_text()
+    write_fake_records(tmp_path, {"BN@16": [35.0], "BN@2": [24.0]}, condition="trees")
+    assert "BN@16 is below 40 box AP" not in Path(write_report(str(tmp_path))[0]).read_text()
+    write_fake_records(tmp_path, {"BN@16": [15.0], "BN@2": [4.0]}, condition="trees")
+    assert "BN@16 is below 20 box AP" in Path(write_report(str(tmp_path))[0]).read_text()
 
 
 def test_report_gives_precise_bn_effect_per_evaluation(tmp_path):
     write_fake_records(tmp_path, {"MABN@2": [20.0, 30.0]})
     for seed, effects in enumerate(((-4.0, 1.0), (-2.0, 0.5))):
-        path = Path(result_path(str(tmp_path), "MABN@2", seed))
+        path = Path(result_path(str(tmp_path), "photometric", "MABN@2", seed))
         record = json.loads(path.read_text())
         for evaluation, effect in zip(record["evaluations"], effects):
             evaluation["bbox_AP_precise_bn"] = evaluation["bbox_AP"] + effect
@@ -104,11 +116,11 @@ def test_commit_takes_exactly_the_given_files(tmp_path):
     (tmp_path / "untracked.txt").write_text("not ours")
     results = tmp_path / "docs" / "study"
     write_fake_records(results, {"BN@2": [30.0]})
-    paths = [result_path(str(results), "BN@2", 0), *write_report(str(results))]
+    paths = [result_path(str(results), "photometric", "BN@2", 0), *write_report(str(results))]
     assert commit_files(paths, "study: BN@2 seed 0")
     committed = set(git(tmp_path, "show", "--name-only", "--format=", "HEAD").split())
-    assert committed == {"docs/study/runs/BN@2_seed0.json", "docs/study/results.md",
-                         "docs/study/ap_curves.png"}
+    assert committed == {"docs/study/photometric/runs/BN@2_seed0.json", "docs/study/results.md",
+                         "docs/study/photometric/ap_curves.png"}
     assert git(tmp_path, "diff", "--cached", "--name-only").split() == ["other.txt"]
     assert not commit_files(paths, "nothing changed")  # already committed: no empty commit
 
@@ -129,7 +141,7 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_run(tiny_data, output_dir, arm="MABN@2", precise_bn_batches=2):
-    return StudyRun(arm, 0, str(REPO / "configs" / "tiny" / "study_R18_FPN_shapes.yaml"),
+    return StudyRun("photometric", arm, 0, CONDITIONS["photometric"].config_path, "study",
                     tiny_data, str(output_dir), TINY_OPTS, 1, precise_bn_batches)
 
 
@@ -167,31 +179,87 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
             assert torch.equal(weights[key], value), (other, key)
 
 
-def test_cli_skips_finished_runs_commits_each_new_one_and_rebuilds_the_report(tmp_path):
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "config", "user.email", "t@t")
-    git(tmp_path, "config", "user.name", "t")
-    results = tmp_path / "docs" / "study"
-    write_fake_records(results, {"BN@16": [44.0]})
-    command = [sys.executable, str(REPO / "tools" / "compare_norms.py"), "--tiny", "--out",
-               str(tmp_path / "out"), "--results", str(results), "--arms", "BN@16", "GN@2",
-               "--seeds", "0", "--jobs", "1", "--commit"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+def copy_of_the_code(directory):
+    """This checkout's files (tracked and untracked, not ignored) committed in a new repository,
+    as a clean clone would have them."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "-co", "--exclude-standard"],
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, directory / name)
+    for args in (("init", "-q"), ("config", "user.email", "t@t"), ("config", "user.name", "t"),
+                 ("add", "-A"), ("commit", "-qm", "the code")):
+        git(directory, *args)
+    return git(directory, "rev-parse", "HEAD").strip()
+
+
+def test_cli_commits_each_new_record_which_reproduce_run_repeats_exactly(tmp_path):
+    code, results_repo = tmp_path / "code", tmp_path / "results_repo"
+    commit = copy_of_the_code(code)
+    for args in (("init", "-q"), ("config", "user.email", "t@t"), ("config", "user.name", "t")):
+        git(results_repo.mkdir(parents=True, exist_ok=True) or results_repo, *args)
+    results = results_repo / "docs" / "study"
+    write_fake_records(results, {"BN@16": [44.0]}, condition="plain")
+    command = [sys.executable, "tools/compare_norms.py", "--tiny", "--condition", "plain",
+               "--out", str(tmp_path / "out"), "--results", str(results), "--arms", "BN@16",
+               "GN@2", "--seeds", "0", "--jobs", "1", "--commit"]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env,
+                            cwd=code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not (tmp_path / "out" / "BN@16").exists()  # it has a record: skipped
-    assert [r["arm"] for r in read_records(str(results))] == ["BN@16", "GN@2"]
-    record = json.loads(Path(result_path(str(results), "GN@2", 0)).read_text())
+    assert not (tmp_path / "out" / "plain" / "BN@16").exists()  # it has a record: skipped
+    assert [r["arm"] for r in read_records(str(results), "plain")] == ["BN@16", "GN@2"]
+    record_file = Path(result_path(str(results), "plain", "GN@2", 0))
+    record = json.loads(record_file.read_text())
     assert record["iterations"] == 4 and [e["iteration"] for e in record["evaluations"]] == [2, 4]
-    assert record["command"].startswith("python tools/compare_norms.py --tiny")
+    assert (record["condition"], record["code_commit"], record["code_clean"]) == (
+        "plain", commit, True)
+    assert record["command"] == ("python tools/compare_norms.py --condition plain --arms GN@2 "
+                                 f"--seeds 0 --threads {record['threads']} --tiny")
     assert "| GN@2 | GN | 1 |" in result.stdout
     # One commit, of the new record and the report; the fake BN@16 record stays uncommitted.
-    subjects = git(tmp_path, "log", "--format=%s").splitlines()
-    assert len(subjects) == 1 and subjects[0].startswith("study: GN@2 seed 0, 4 iterations: ")
-    assert set(git(tmp_path, "show", "--name-only", "--format=", "HEAD").split()) == {
-        "docs/study/runs/GN@2_seed0.json", "docs/study/results.md", "docs/study/ap_curves.png"}
+    subjects = git(results_repo, "log", "--format=%s").splitlines()
+    assert len(subjects) == 1 and subjects[0].startswith("study plain: GN@2 seed 0, 4 iterations: ")
+    assert set(git(results_repo, "show", "--name-only", "--format=", "HEAD").split()) == {
+        "docs/study/plain/runs/GN@2_seed0.json", "docs/study/results.md",
+        "docs/study/plain/ap_curves.png"}
     (results / "results.md").unlink()
     again = subprocess.run(command + ["--report-only"], capture_output=True, text=True,
-                           timeout=300, env=env)
+                           timeout=300, env=env, cwd=code)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "| GN@2 | GN | 1 |" in (results / "results.md").read_text()
+
+    # The record alone re-runs it: its commit checked out, its command run, the same numbers.
+    reproduce = [sys.executable, str(code / "tools" / "reproduce_run.py"), str(record_file),
+                 "--out", str(tmp_path / "reproduce")]
+    result = subprocess.run(reproduce, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(code)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "reproduced: every measured value" in result.stdout
+    assert git(tmp_path / "reproduce" / "code", "rev-parse", "HEAD").strip() == commit
+
+
+def test_a_record_differs_in_what_it_measured_not_in_where_or_when():
+    committed = fake_record("plain", "GN@2", 0, 30.0)
+    fresh = {**committed, "wall_seconds": 1.0, "machine": "another", "date": "2027-01-01",
+             "command": "python tools/compare_norms.py --condition plain"}
+    assert differing_results(committed, fresh) == []
+    fresh["evaluations"] = [{**e, "bbox_AP": e["bbox_AP"] + 0.001} for e in fresh["evaluations"]]
+    fresh["threads"] = 2
+    assert differing_results(committed, fresh) == ["evaluations", "threads"]
+    assert differing_results(committed, {}) == [
+        k for k in committed if k not in ("condition", "wall_seconds", "seconds_per_iteration",
+                                          "machine", "date", "code_commit", "code_clean")]
+
+
+def test_reproduce_run_refuses_a_record_without_a_clean_commit(tmp_path):
+    record = tmp_path / "MABN@2_seed0.json"
+    record.write_text(json.dumps({**fake_record("photometric", "MABN@2", 0, 70.0),
+                                  "code_commit": None, "code_clean": False,
+                                  "code_commit_note": "not recorded"}))
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "reproduce_run.py"),
+                             str(record)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert "names no clean code commit" in result.stderr and "not recorded" in result.stderr
