@@ -10,8 +10,8 @@ from detectron2.modeling.backbone.fpn import (
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from ..config import with_mabn_norms
-from .sites import mabn_site
 from .prepare import prepare_mabn_model
+from .sites import mabn_site
 
 __all__ = ["build_mabn_resnet_backbone", "build_mabn_resnet_fpn_backbone",
            "build_mabn_retinanet_resnet_fpn_backbone"]

@@ -7,8 +7,8 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 
 from ..config import MABN_NORM, mabn_settings
 from ..layers import PerLevelMABN2d
-from .sites import mabn_site
 from .prepare import prepare_mabn_model
+from .sites import mabn_site
 
 __all__ = ["MABNRetinaNet"]
 

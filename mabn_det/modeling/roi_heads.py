@@ -11,8 +11,8 @@ from detectron2.modeling.roi_heads import (
 )
 
 from ..config import with_mabn_norms
-from .sites import mabn_site
 from .prepare import prepare_mabn_model
+from .sites import mabn_site
 
 __all__ = ["MABNFastRCNNConvFCHead", "MABNHeadMixin", "MABNMaskRCNNConvUpsampleHead",
            "MABNRes5ROIHeads"]

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 
-from ..config import MABN_NORM, get_key, mabn_norm_keys, mabn_settings, set_key
+from ..config import get_key, mabn_norm_keys, mabn_settings, set_key
 
 __all__ = ["MABNSite", "check_mabn_config", "mabn_site", "stock_inference_config",
            "supported_norm_keys"]
@@ -42,8 +42,9 @@ class MABNSite:
     only_stock_reads: bool = False
     inference_norm: str = "FrozenBN"
 
-    def must_be_ours(self, cfg: CfgNode) -> bool:
-        """Whether the model of `cfg` reads `norm_keys` through the module `name_key` names."""
+    def reads_norm_keys(self, cfg: CfgNode) -> bool:
+        """Whether, as far as this site knows, the model of `cfg` reads `norm_keys` through the
+        module that `name_key` names (which must then be ours where they are "MABN")."""
         if self.built_by and cfg.MODEL.META_ARCHITECTURE not in self.built_by:
             return False
         return not self.only_stock_reads or get_key(cfg, self.name_key) == self.stock
@@ -99,7 +100,7 @@ def check_mabn_config(cfg: CfgNode) -> None:
             at_key = [site for site in sites if site.name_key == name_key]
             ours = [site.name for site in at_key]
             name = get_key(cfg, name_key)
-            if name not in ours and any(site.must_be_ours(cfg) for site in at_key):
+            if name not in ours and any(site.reads_norm_keys(cfg) for site in at_key):
                 expected = f"{ours[0]!r}" if len(ours) == 1 else f"one of {tuple(ours)}"
                 raise ValueError(f'cfg.{key} = "MABN" needs cfg.{name_key} to be {expected}, '
                                  f"got {name!r}")
@@ -117,9 +118,9 @@ def stock_inference_config(cfg: CfgNode) -> CfgNode:
     stock.defrost()
     inference_norms = {key: site.inference_norm for site in _SITES.values()
                        for key in site.norm_keys}
-    for key, norm in inference_norms.items():
-        if get_key(stock, key) == MABN_NORM:
-            set_key(stock, key, norm)
+    for key in mabn_norm_keys(stock):
+        if key in inference_norms:
+            set_key(stock, key, inference_norms[key])
     for name_key in {site.name_key for site in _SITES.values()}:
         name = get_key(stock, name_key)
         if name in _SITES:
