@@ -13,8 +13,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "the current environment); or install your own build of detectron2."
     ) from e
 
-from . import modeling as _  # noqa: F401  (only registration)
-from .config import add_mabn_config, check_mabn_config, load_config
+from .config import add_mabn_config, load_config
+from .modeling import check_mabn_config  # importing modeling registers its modules
 from .layers import (CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d,
                      convert_to_inference_form)
 

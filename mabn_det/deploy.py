@@ -7,9 +7,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
 
-from .config import stock_inference_config
 from .layers import convert_to_inference_form
 from .lazy import stock_lazy_config
+from .modeling import stock_inference_config
 
 __all__ = ["export_for_stock_detectron2"]
 

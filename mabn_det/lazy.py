@@ -9,7 +9,7 @@ and the model node is made an MABN model with `as_mabn_model`::
     from mabn_det.lazy import as_mabn_model, mabn_norm
 
     model = as_mabn_model(model)
-    mabn = L(mabn_norm)(buffer_size=16, warmup_iters=100, renorm_warmup_iters=1000)
+    mabn = L(mabn_norm)()  # MABNSettings' defaults; give only what differs, e.g. buffer_size=8
     model.backbone.bottom_up.stem.norm = "${mabn}"
     model.backbone.bottom_up.stages.norm = "${mabn}"
     model.backbone.norm = "${mabn}"
@@ -17,11 +17,12 @@ and the model node is made an MABN model with `as_mabn_model`::
     model.roi_heads.mask_head.conv_norm = "${mabn}"
     model.backbone.bottom_up.freeze_at = 0
 
-Then ``instantiate(cfg.model)`` alone returns the model that `prepare_mabn_model` has centred and
-checked, so any training loop, Detectron2's own tools/lazyconfig_train_net.py included, trains MABN
-as the paper does. The interpolations keep one set of MABN settings, overridden once
-(``mabn.buffer_size=8``); the model's keys stay where they were (``model.backbone...``). Both
-nodes are plain LazyCalls, so the config survives `LazyConfig.save` and loads back from its YAML.
+Then ``instantiate(cfg.model)`` alone returns the model that
+`mabn_det.modeling.prepare_mabn_model` has centred and checked, so any training loop, Detectron2's
+own tools/lazyconfig_train_net.py included, trains MABN as the paper does. The interpolations
+keep one set of MABN settings, overridden once (``mabn.buffer_size=8``); the model's keys stay
+where they were (``model.backbone...``). Both nodes are plain LazyCalls, so the config survives
+`LazyConfig.save` and loads back from its YAML.
 """
 import copy
 import dataclasses
@@ -29,16 +30,16 @@ import functools
 from collections import abc
 from typing import Callable
 
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.registry import locate
 from torch import nn
 
-from .layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
+from .layers import MABN2d, MABNSettings
+from .modeling import prepare_mabn_model
 from .solver import mabn_optimizer_params
 
-__all__ = ["as_mabn_model", "build_mabn_model", "is_lazy_config", "mabn_norm",
-           "prepare_mabn_model", "stock_lazy_config", "target_callable"]
+__all__ = ["as_mabn_model", "build_mabn_model", "is_lazy_config", "mabn_norm", "stock_lazy_config",
+           "target_callable"]
 
 
 def mabn_norm(**settings) -> Callable[[int], MABN2d]:
@@ -92,55 +93,6 @@ def build_mabn_model(*, meta_architecture: str | Callable[..., nn.Module],
     return prepare_mabn_model(model, centred_conv=centred_conv)
 
 
-def prepare_mabn_model(model: nn.Module, *, centred_conv: bool | None = None) -> nn.Module:
-    """The step after building a model with MABN2d: centre the convs before MABN, check the model.
-
-    Every conv that feeds an MABN layer becomes a CentredConv2d in place (see
-    `CentredConv2d.convert_convs_before_mabn`). A model without MABN2d keeps its modules. The
-    step is idempotent: preparing a prepared model (e.g. one from ``instantiate(cfg.model)`` of an
-    `as_mabn_model` node) changes nothing.
-
-    Args:
-        model: the built model, before the optimizer is built (its parameters are kept).
-        centred_conv: False keeps plain convs (an ablation; MABN drops the mean subtraction and
-            relies on centred weights). None: as the model was prepared before, True for a model
-            not prepared yet.
-
-    Returns:
-        `model`, with the attribute ``mabn_centred_conv`` recording the choice.
-
-    Raises:
-        ValueError: an MABN2d that is frozen (its stage has ``freeze_at`` > 0); with
-            `centred_conv`, one that is the ``norm`` of a conv that cannot be centred (a deformable
-            conv); one that a RetinaNet head would share across its FPN levels; or a
-            `centred_conv` that contradicts how the model was prepared before. Each names the
-            module or the setting.
-    """
-    before = getattr(model, "mabn_centred_conv", None)
-    if centred_conv is None:
-        centred_conv = True if before is None else before
-    elif before is not None and centred_conv != before:
-        raise ValueError(f"the model was prepared with centred_conv={before}, got "
-                         f"centred_conv={centred_conv}; build it again to change that")
-    for head_name, head in model.named_modules():
-        if isinstance(head, RetinaNetHead):
-            _refuse_level_shared_mabn(head_name, head)
-    if centred_conv:
-        CentredConv2d.convert_convs_before_mabn(model)
-    for name, m in model.named_modules():
-        if isinstance(m, MABN2d) and not m.weight.requires_grad:
-            raise ValueError(f"MABN layer '{name}' is frozen, and MABN layers cannot be "
-                             "frozen: set the backbone's freeze_at to 0 (e.g. "
-                             "model.backbone.bottom_up.freeze_at=0)")
-        if (centred_conv and isinstance(getattr(m, "norm", None), MABN2d)
-                and not isinstance(m, CentredConv2d)):
-            raise ValueError(f"'{name}' ({type(m).__name__}) feeds MABN but cannot be "
-                             f"weight-centred as {CentredConv2d.__name__}; use another norm there "
-                             "(a deformable conv: set its stage's deform settings off)")
-    model.mabn_centred_conv = centred_conv
-    return model
-
-
 def target_callable(target):
     """The callable of a LazyConfig ``_target_``, which may be its dotted name (as in a config
     saved and loaded back)."""
@@ -186,18 +138,3 @@ def _replace_mabn_norms(node: abc.MutableMapping | abc.MutableSequence) -> None:
             node[key] = "FrozenBN"
         elif isinstance(value, (abc.Mapping, abc.MutableSequence)):
             _replace_mabn_norms(value)
-
-
-def _refuse_level_shared_mabn(head_name: str, head: RetinaNetHead) -> None:
-    """RetinaNet runs one head on every FPN level, so an MABN2d there would mix the levels'
-    statistics in one ring; its norms must be per-level (PerLevelMABN2d)."""
-    per_level = {id(m) for p in head.modules() if isinstance(p, PerLevelMABN2d)
-                 for m in p.modules()}
-    for name, m in head.named_modules():
-        if isinstance(m, MABN2d) and id(m) not in per_level:
-            raise ValueError(
-                f"MABN layer '{head_name}.{name}' would be shared by all FPN levels of the RetinaNet "
-                "head; write model.head.norm = \"BN\", instantiate the model without "
-                "as_mabn_model, then call PerLevelMABN2d.replace_cycle_batch_norms(model.head, "
-                "**mabn_settings) and prepare_mabn_model(model), so that each level has its own "
-                "statistics")

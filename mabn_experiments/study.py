@@ -23,9 +23,10 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from mabn_det.config import MABN_NORM_SITES, load_config, set_key
+from mabn_det.config import load_config, set_key
 from mabn_det.engine import Trainer
 from mabn_det.engine.trainer import has_mabn
+from mabn_det.modeling import supported_norm_keys
 
 from .conditions import register_dataset
 from .plots import read_metrics
@@ -80,7 +81,7 @@ def configure_arm(cfg: CfgNode, arm: Arm) -> None:
     """
     cfg.SOLVER.IMS_PER_BATCH = IMAGES_PER_STEP
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = arm.micro_batches
-    for key in MABN_NORM_SITES:
+    for key in supported_norm_keys():
         set_key(cfg, key, arm.norm)
     if arm.mabn_buffer:
         cfg.MODEL.MABN.BUFFER_SIZE = arm.mabn_buffer

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -29,6 +30,27 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def count_calls(monkeypatch, function):
+    """Replace `function` by a spy in every module of mabn_det that holds it, so that no import of
+    it escapes the count.
+
+    Returns:
+        The list to which each call appends its positional arguments.
+    """
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "mabn_det":
+            for attr, value in list(vars(module).items()):
+                if value is function:
+                    monkeypatch.setattr(module, attr, spy)
+    return calls
 
 
 def synthetic_image(size=64, boxes=(), seed=0):

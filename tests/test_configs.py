@@ -10,10 +10,10 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from mabn_det.config import (check_grad_accumulation, load_config, mabn_settings,
-                             stock_inference_config)
+from mabn_det.config import check_training, load_config, mabn_settings
 from mabn_det.layers import MABN2d, MABNSettings
 from mabn_det.lazy import mabn_norm
+from mabn_det.modeling import stock_inference_config
 from tests.common import REPO, make_cfg
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -87,17 +87,20 @@ def test_settings_are_frozen_and_numbers_become_floats():
         settings.buffer_size = 8
 
 
-def test_grad_accumulation_check_names_the_keys_it_is_given():
+def test_training_check_names_the_keys_it_is_given():
     lazy = dict(steps=("train.grad_accumulation_steps", 2),
                 images_per_step=("dataloader.train.total_batch_size", 4),
-                amp=("train.amp.enabled", True))
+                amp=("train.amp.enabled", True), log_period=("train.mabn_log_period", 20))
     with pytest.raises(ValueError, match=r"^train.grad_accumulation_steps > 1 does not support "
                                          r"train.amp.enabled; set one of them back"):
-        check_grad_accumulation(**lazy)
+        check_training(**lazy)
     with pytest.raises(ValueError, match=r"^train.grad_accumulation_steps must be ≥ 1 and divide "
                                          r"dataloader.train.total_batch_size \(4\), got 3"):
-        check_grad_accumulation(**{**lazy, "steps": ("train.grad_accumulation_steps", 3)})
-    check_grad_accumulation(**{**lazy, "amp": ("train.amp.enabled", False)})
+        check_training(**{**lazy, "steps": ("train.grad_accumulation_steps", 3)})
+    lazy["amp"] = ("train.amp.enabled", False)
+    with pytest.raises(ValueError, match=r"^train.mabn_log_period must be ≥ 0, got -1"):
+        check_training(**{**lazy, "log_period": ("train.mabn_log_period", -1)})
+    check_training(**lazy)
 
 
 def test_readme_key_table_shows_the_defaults_of_the_one_home():

@@ -17,10 +17,12 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
+from mabn_det.config import check_training
 from mabn_det.engine.lazy_training import build_lazy_model, build_lazy_optimizer
-from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
-from mabn_det.lazy import mabn_norm, prepare_mabn_model, target_callable
-from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
+from mabn_det.layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
+from mabn_det.lazy import mabn_norm, target_callable
+from mabn_det.modeling import prepare_mabn_model
+from tests.common import LAZY_RECIPES, count_calls, load_tool, tiny_lazy_config
 
 lazyconfig_train_net = load_tool("lazyconfig_train_net")
 
@@ -92,7 +94,7 @@ def test_saved_config_loads_back_whole_and_builds_the_same_model(path, tmp_path)
         assert a.read() == b.read()
     # The norms still point at the one `mabn` node, so one override reaches every site.
     assert "norm: ${mabn}" in open(saved).read()
-    assert loaded.model.backbone.norm.buffer_size == 16
+    assert instantiate(loaded.model.backbone.norm)(4).buffer_size == MABNSettings().buffer_size
 
     tiny = tiny_lazy_config(path)
     LazyConfig.save(tiny, saved)
@@ -256,6 +258,15 @@ def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path, caplog):
     assert int(expected["backbone.bottom_up.stem.conv1.norm.iteration"]) == 6
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+
+
+def test_tool_checks_the_training_settings_once(tiny_coco, tmp_path, monkeypatch):
+    if "tiny_lazy_once" not in DatasetCatalog.list():
+        register_coco_instances("tiny_lazy_once", {}, *tiny_coco)
+    checks = count_calls(monkeypatch, check_training)
+    _run(_write_config(tmp_path, "tiny_lazy_once", False, output_dir=str(tmp_path / "out"),
+                       max_iter=1, eval_period=0, log_period=1, checkpointer=dict(period=100)))
+    assert len(checks) == 1
 
 
 def _with_rle_masks(json_path, directory):

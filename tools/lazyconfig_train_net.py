@@ -27,7 +27,7 @@ from mabn_det.engine import (GradientAccumulationTrainer, MissingDatasetError, P
                              check_datasets_on_disk)
 from mabn_det.engine.lazy_training import (accumulation_steps, build_lazy_model,
                                            build_lazy_optimizer, build_lazy_train_loader,
-                                           evaluate_lazy)
+                                           check_lazy_training, evaluate_lazy, mabn_log_period)
 from mabn_det.engine.sampler import shared_data_seed
 from mabn_det.engine.trainer import unwrap, with_mabn_hooks
 
@@ -49,6 +49,7 @@ def ddp_model(cfg, model):
 
 def do_train(args: argparse.Namespace, cfg):
     """Train as `cfg` describes, resuming with --resume; returns the last evaluation results."""
+    check_lazy_training(cfg)
     steps = accumulation_steps(cfg)
     model = build_lazy_model(cfg)
     optimizer = build_lazy_optimizer(cfg, model)
@@ -79,7 +80,7 @@ def do_train(args: argparse.Namespace, cfg):
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,
-    ], process_states, unwrap(model), cfg.train.get("mabn_log_period", 20),
+    ], process_states, unwrap(model), mabn_log_period(cfg),
         amp=cfg.train.amp.enabled))
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)

@@ -18,10 +18,9 @@ model, dataloader, optimizer, train, lr_multiplier = (
 # (mabn_det.lazy.as_mabn_model); its keys stay where Detectron2's config has them.
 model = as_mabn_model(model)
 
-# 8 images per GPU on 8 GPUs: m = 16 steps average the statistics of 128 images per GPU. Warm-ups
-# as the paper's (100 steps, renormalisation from 1000 of the 184k steps).
-mabn = L(mabn_norm)(buffer_size=16, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0,
-                    momentum=0.02, eps=1e-5)
+# MABNSettings' defaults, the paper's: with 8 images per GPU on 8 GPUs, m = 16 steps average the
+# statistics of 128 images per GPU; warm-ups of 100 steps, renormalisation from 1000 of the 184k.
+mabn = L(mabn_norm)()
 model.backbone.bottom_up.stem.norm = "${mabn}"
 model.backbone.bottom_up.stages.norm = "${mabn}"
 model.backbone.norm = "${mabn}"
@@ -30,8 +29,6 @@ model.roi_heads.mask_head.conv_norm = "${mabn}"
 # MABN's γ and β take weight_decay_norm, as Detectron2's norms do, in any training script.
 optimizer.params._target_ = mabn_optimizer_params
 
-# mabn_det's LazyTrainer keys (tools/lazyconfig_train_net.py). Accumulation stays 1: the recipe
-# trains with AMP, which MABN supports (statistics in float32) but accumulation does not.
-train.grad_accumulation_steps = 1
-train.mabn_log_period = 20
-train.precise_bn = dict(enabled=False, num_iter=200)
+# tools/lazyconfig_train_net.py's own train keys (see mabn_det.engine.lazy_training) keep their
+# defaults. Accumulation (train.grad_accumulation_steps) stays 1: the recipe trains with AMP, which
+# MABN supports (statistics in float32) but accumulation does not.

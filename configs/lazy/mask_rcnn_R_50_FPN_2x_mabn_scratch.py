@@ -19,10 +19,9 @@ train = get_config("common/train.py").train
 # 2x: 180k iterations of 16 images, lr x0.1 at 120k and 160k, 1000 linear warm-up iterations.
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_2x
 
-# One set of MABN settings for every site (override once: mabn.buffer_size=8). m = 16 steps of
-# 2 images: statistics over 32 images.
-mabn = L(mabn_norm)(buffer_size=16, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0,
-                    momentum=0.02, eps=1e-5)
+# One set of MABN settings for every site (override once: mabn.buffer_size=8): MABNSettings'
+# defaults, the paper's. m = 16 steps of 2 images: statistics over 32 images.
+mabn = L(mabn_norm)()
 model.backbone.bottom_up.stem.norm = "${mabn}"
 model.backbone.bottom_up.stages.norm = "${mabn}"
 model.backbone.norm = "${mabn}"
@@ -46,7 +45,5 @@ dataloader.train.total_batch_size = 16
 optimizer.lr = 0.02
 train.max_iter = 180000
 train.eval_period = 0  # evaluate once, at the end
-# mabn_det's LazyTrainer keys (tools/lazyconfig_train_net.py).
-train.grad_accumulation_steps = 1
-train.mabn_log_period = 20
-train.precise_bn = dict(enabled=False, num_iter=200)
+# tools/lazyconfig_train_net.py's own train keys (grad_accumulation_steps, mabn_log_period,
+# precise_bn; see mabn_det.engine.lazy_training) keep their defaults.

@@ -8,7 +8,8 @@ as is):
 
 - ``grad_accumulation_steps`` (1): micro-batches per optimizer step;
   ``dataloader.train.total_batch_size`` stays the images per optimizer step.
-- ``mabn_log_period`` (20): iterations between MABN diagnostics; 0 turns them off.
+- ``mabn_log_period`` (`mabn_det.config.MABN_LOG_PERIOD`): iterations between MABN diagnostics;
+  0 turns them off.
 - ``precise_bn`` (off): ``dict(enabled=True, num_iter=200)`` evaluates with MABN's running_var
   re-estimated over that many training batches (`precise_mabn_statistics`; training unchanged).
 - ``checkpointer.max_to_keep`` (Detectron2's PeriodicCheckpointer argument): periodic checkpoints
@@ -24,8 +25,9 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 
-from ..config import check_grad_accumulation
-from ..lazy import prepare_mabn_model, target_callable
+from ..config import MABN_LOG_PERIOD, check_training
+from ..lazy import target_callable
+from ..modeling import prepare_mabn_model
 from ..solver import mabn_optimizer_params
 from .hooks import precise_mabn_statistics
 from .sampler import build_resumable_train_loader
@@ -37,22 +39,32 @@ _RESUMABLE_ARGUMENTS = {"dataset", "mapper", "sampler", "total_batch_size",
                         "aspect_ratio_grouping", "num_workers", "collate_fn"}
 
 __all__ = ["accumulation_steps", "build_lazy_model", "build_lazy_optimizer",
-           "build_lazy_train_loader", "evaluate_lazy"]
+           "build_lazy_train_loader", "check_lazy_training", "evaluate_lazy", "mabn_log_period"]
 
 
 def accumulation_steps(cfg) -> int:
-    """``train.grad_accumulation_steps`` (1 when absent), checked against the rest of the config.
+    """``train.grad_accumulation_steps`` (1 when absent)."""
+    return cfg.train.get("grad_accumulation_steps", 1)
+
+
+def mabn_log_period(cfg) -> int:
+    """``train.mabn_log_period`` (`mabn_det.config.MABN_LOG_PERIOD` when absent)."""
+    return cfg.train.get("mabn_log_period", MABN_LOG_PERIOD)
+
+
+def check_lazy_training(cfg) -> None:
+    """`mabn_det.config.check_training` for the ``train`` and ``dataloader.train`` keys; the tool
+    runs it once per trainer, before building anything.
 
     Raises:
         ValueError: naming the ``train`` key that cannot work with the rest.
     """
-    steps = cfg.train.get("grad_accumulation_steps", 1)
-    check_grad_accumulation(
-        steps=("train.grad_accumulation_steps", steps),
+    check_training(
+        steps=("train.grad_accumulation_steps", accumulation_steps(cfg)),
         images_per_step=("dataloader.train.total_batch_size",
                          cfg.dataloader.train.total_batch_size),
-        amp=("train.amp.enabled", cfg.train.amp.enabled))
-    return steps
+        amp=("train.amp.enabled", cfg.train.amp.enabled),
+        log_period=("train.mabn_log_period", mabn_log_period(cfg)))
 
 
 def build_lazy_model(cfg):

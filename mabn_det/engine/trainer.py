@@ -11,8 +11,9 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import check_mabn_config
+from ..config import check_training_config
 from ..layers import MABN2d
+from ..modeling import check_mabn_config
 from ..solver import build_mabn_optimizer
 from .evaluation import build_dataset_evaluator
 from .hooks import MABNDiagnostics, precise_mabn_statistics
@@ -92,7 +93,7 @@ class Trainer(DefaultTrainer):
                 "Detectron2's DefaultTrainer gives DistributedDataParallel device_ids, which it "
                 "refuses for CPU models; use GPUs, one process, or tools/lazyconfig_train_net.py "
                 "with train.ddp.device_ids=None")
-        check_mabn_config(cfg)
+        check_training_config(cfg)
         # The data order's seed, decided before DefaultTrainer builds the loader.
         cfg = _with_seed(cfg, shared_data_seed(cfg.SEED))
         super().__init__(cfg)

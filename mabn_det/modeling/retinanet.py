@@ -5,15 +5,20 @@ import logging
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 
-from ..config import MABN_NORM, check_mabn_config, mabn_settings
-from ..layers import CentredConv2d, PerLevelMABN2d
+from ..config import MABN_NORM, mabn_settings
+from ..layers import PerLevelMABN2d
+from .prepare import prepare_mabn_model
+from .sites import mabn_site
 
 __all__ = ["MABNRetinaNet"]
 
 logger = logging.getLogger(__name__)
 
 
-@META_ARCH_REGISTRY.register()
+# Other meta-architectures do not read MODEL.RETINANET.NORM. Stock Detectron2 gives per-level
+# statistics only for "BN" (CycleBatchNormList), which is how the inference form runs the head.
+@mabn_site(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", RetinaNet, ("MODEL.RETINANET.NORM",),
+           only_stock_reads=True, inference_norm="BN")
 class MABNRetinaNet(RetinaNet):
     """`RetinaNet` with `MODEL.RETINANET.NORM` allowed to be "MABN".
 
@@ -26,7 +31,6 @@ class MABNRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        check_mabn_config(cfg)
         if cfg.MODEL.RETINANET.NORM != MABN_NORM:
             return super().from_config(cfg)
         per_level_bn = cfg.clone()
@@ -35,8 +39,7 @@ class MABNRetinaNet(RetinaNet):
         ret = super().from_config(per_level_bn)
         settings = dataclasses.asdict(mabn_settings(cfg))
         PerLevelMABN2d.replace_cycle_batch_norms(ret["head"], **settings)
-        if cfg.MODEL.MABN.CENTRED_CONV:
-            CentredConv2d.convert_convs_before_mabn(ret["head"])
+        prepare_mabn_model(ret["head"], centred_conv=cfg.MODEL.MABN.CENTRED_CONV)
         logger.info("RetinaNetHead: the per-level BN above is replaced by per-level MABN "
                     "(PerLevelMABN2d)")
         return ret

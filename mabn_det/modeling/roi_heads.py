@@ -10,8 +10,9 @@ from detectron2.modeling.roi_heads import (
     Res5ROIHeads,
 )
 
-from ..config import check_mabn_config, with_mabn_norms
-from ..layers import CentredConv2d
+from ..config import with_mabn_norms
+from .prepare import prepare_mabn_model
+from .sites import mabn_site
 
 __all__ = ["MABNFastRCNNConvFCHead", "MABNHeadMixin", "MABNMaskRCNNConvUpsampleHead",
            "MABNRes5ROIHeads"]
@@ -19,7 +20,7 @@ __all__ = ["MABNFastRCNNConvFCHead", "MABNHeadMixin", "MABNMaskRCNNConvUpsampleH
 
 class MABNHeadMixin:
     """For a configurable head (box, mask, semantic) built from one `from_config`: reads the head's
-    NORM through `with_mabn_norms` and makes the convs that feed MABN centred.
+    NORM through `with_mabn_norms` and prepares the head (`prepare_mabn_model`).
 
     ROI head batches are RoIs (ROI_HEADS.BATCH_SIZE_PER_IMAGE × images), and the mask head may see
     none at all; MABN2d leaves its statistics untouched for such an empty batch.
@@ -27,30 +28,33 @@ class MABNHeadMixin:
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        check_mabn_config(cfg)
         ret = super().from_config(with_mabn_norms(cfg), input_shape)
         ret["centred_conv"] = cfg.MODEL.MABN.CENTRED_CONV
         return ret
 
     @configurable
     def __init__(self, *args, centred_conv: bool = True, **kwargs):
-        """Args: centred_conv: make the convs followed by MABN2d CentredConv2d; others: the parent's."""
+        """Args: centred_conv: see `prepare_mabn_model`; the others: the parent's."""
         super().__init__(*args, **kwargs)
-        if centred_conv:
-            CentredConv2d.convert_convs_before_mabn(self)
+        prepare_mabn_model(self, centred_conv=centred_conv)
 
 
-@ROI_BOX_HEAD_REGISTRY.register()
+@mabn_site(ROI_BOX_HEAD_REGISTRY, "MODEL.ROI_BOX_HEAD.NAME", FastRCNNConvFCHead,
+           ("MODEL.ROI_BOX_HEAD.NORM",))
 class MABNFastRCNNConvFCHead(MABNHeadMixin, FastRCNNConvFCHead):
     """`FastRCNNConvFCHead` with `MODEL.ROI_BOX_HEAD.NORM` allowed to be "MABN"."""
 
 
-@ROI_MASK_HEAD_REGISTRY.register()
+@mabn_site(ROI_MASK_HEAD_REGISTRY, "MODEL.ROI_MASK_HEAD.NAME", MaskRCNNConvUpsampleHead,
+           ("MODEL.ROI_MASK_HEAD.NORM",))
 class MABNMaskRCNNConvUpsampleHead(MABNHeadMixin, MaskRCNNConvUpsampleHead):
     """`MaskRCNNConvUpsampleHead` with `MODEL.ROI_MASK_HEAD.NORM` allowed to be "MABN"."""
 
 
-@ROI_HEADS_REGISTRY.register()
+# Of the ROI heads, only Res5ROIHeads reads MODEL.RESNETS.NORM, and only GeneralizedRCNN and
+# PanopticFPN build ROI heads.
+@mabn_site(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", Res5ROIHeads, ("MODEL.RESNETS.NORM",),
+           built_by=("GeneralizedRCNN", "PanopticFPN"), only_stock_reads=True)
 class MABNRes5ROIHeads(Res5ROIHeads):
     """`Res5ROIHeads` (C4 models) whose res5 stage reads `MODEL.RESNETS.NORM` allowing "MABN".
 
@@ -59,14 +63,7 @@ class MABNRes5ROIHeads(Res5ROIHeads):
     """
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
-        check_mabn_config(cfg)
-        return super().from_config(cfg, input_shape)
-
-    @classmethod
     def _build_res5_block(cls, cfg):
         # The hook Detectron2 keeps for subclasses: Res5ROIHeads.from_config calls it.
         res5, out_channels = super()._build_res5_block(with_mabn_norms(cfg))
-        if cfg.MODEL.MABN.CENTRED_CONV:
-            CentredConv2d.convert_convs_before_mabn(res5)
-        return res5, out_channels
+        return prepare_mabn_model(res5, centred_conv=cfg.MODEL.MABN.CENTRED_CONV), out_channels
