@@ -29,9 +29,9 @@ class CentredConv2d(Conv2d):
 
     A conv loaded from a converted BatchNorm checkpoint (`mabn_det.bn_checkpoint`) also has a
     child ``pretrained_offset`` (`PretrainedOffset`): it is created when the state dict being loaded
-    holds its keys, adds the loaded filters' means and the BN mean back so that the conv computes the
-    loaded one, and fades them to zero during fine-tuning. Other convs have no such child and no
-    such keys.
+    holds its keys, adds the loaded filters' means and the BN mean back so that the conv computes
+    the loaded one, and fades them to zero during fine-tuning. Other convs have no such child and
+    no such keys.
     """
 
     def centred_weight(self) -> torch.Tensor:

@@ -57,8 +57,8 @@ def _replace_mabn(module: nn.Module) -> None:
 
 def _fold_pretrained_offset_(conv: CentredConv2d) -> None:
     """Remove the conv's PretrainedOffset, keeping its eval output: α·filter_mean joins the centred
-    weight, and α·bias passes through the MABN2d's eval map into its β (+ γ·α·bias/√(running_var+ε)),
-    since the stock conv before a norm has no bias."""
+    weight, and α·bias passes through the MABN2d's eval map into its β
+    (+ γ·α·bias/√(running_var+ε)), since the stock conv before a norm has no bias."""
     offset = conv._modules.pop("pretrained_offset")
     alpha = offset.scale()
     conv.weight.add_(alpha * offset.filter_mean)
@@ -89,8 +89,8 @@ def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
     Eval outputs are unchanged: MABN at inference is the per-channel affine map
     γ·x/√(running_var+ε) + β, i.e. FrozenBatchNorm2d with running_mean 0 (per level: BatchNorm2d in
     eval mode, whose statistics a training-mode forward would overwrite). A conv's
-    `PretrainedOffset` (from a converted BN checkpoint) is folded into its weight and its MABN's β at
-    the offset's current scale, and removed. Module identity of the convs is kept (their class is
+    `PretrainedOffset` (from a converted BN checkpoint) is folded into its weight and its MABN's β
+    at the offset's current scale, and removed. Module identity of the convs is kept (their class is
     swapped), so containers that hold them in plain lists keep working.
 
     Args:

@@ -96,7 +96,8 @@ def test_loading_creates_the_offset_and_resume_continues_the_fade_exactly():
                           norm=MABN2d(5, buffer_size=2, warmup_iters=0)).train()
     assert "pretrained_offset" not in fresh._modules
     fresh.load_state_dict(state)
-    assert isinstance(fresh.pretrained_offset, PretrainedOffset) and fresh.pretrained_offset.training
+    assert isinstance(fresh.pretrained_offset, PretrainedOffset)
+    assert fresh.pretrained_offset.training
     assert "iteration=3, fade_iters=10" in repr(fresh)
     for _ in range(2):
         torch.testing.assert_close(fresh(x), conv(x), rtol=0, atol=0)
