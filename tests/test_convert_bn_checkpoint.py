@@ -49,7 +49,7 @@ def _bn_model(cfg, norm="BN"):
 @torch.no_grad()
 def _randomise_(module: nn.Module, calibrate, seed=0):
     """Filters whose means are far from 0 (so that centring them would show), random γ and β, and
-    running statistics of the activations of a batch of 12 random images (neither 0 nor 1, and keeping the
+    the running statistics of a batch of 12 random images (neither 0 nor 1, and keeping the
     activations of every depth near unit scale)."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
