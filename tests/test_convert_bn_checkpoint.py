@@ -165,15 +165,23 @@ def _torchvision_features(resnet, x):
     return features
 
 
-@pytest.mark.parametrize("backbone_norm", ["MABN", "FrozenBN"])
-def test_torchvision_resnet_gives_the_same_resnet(backbone_norm, tmp_path):
-    """Into MABN, and into the FrozenBN backbone of the MABN-heads recipe (a plain renaming)."""
+R50_NARROW = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+              "MODEL.RESNETS.WIDTH_PER_GROUP", "16", "MODEL.RESNETS.STRIDE_IN_1X1", "False"]
+
+
+@pytest.mark.parametrize("depth, backbone_norm", [(18, "MABN"), (50, "MABN"), (18, "FrozenBN")])
+def test_torchvision_resnet_gives_the_same_resnet(depth, backbone_norm, tmp_path):
+    """Into MABN (BasicBlock; Bottleneck, whose stride torchvision puts in the 3x3 conv, with
+    narrow bottlenecks), and into the FrozenBN backbone of the MABN-heads recipe (a renaming)."""
     torch.manual_seed(0)
-    resnet = torchvision.models.resnet18(weights=None)
+    if depth == 18:
+        resnet, opts = torchvision.models.resnet18(weights=None), []
+    else:
+        resnet, opts = torchvision.models.resnet50(weights=None, width_per_group=16), R50_NARROW
     _randomise_(resnet, resnet)
-    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
-    opts = ["MODEL.RESNETS.NORM", backbone_norm]
-    out = _convert(opts, tmp_path / "resnet18.pth", tmp_path / "converted.pth")
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+    opts = [*opts, "MODEL.RESNETS.NORM", backbone_norm]
+    out = _convert(opts, tmp_path / "resnet.pth", tmp_path / "converted.pth")
 
     model = _mabn_model(_cfg(*opts), out)
     with torch.no_grad():
@@ -268,9 +276,9 @@ def test_a_norm_only_partly_in_the_checkpoint_is_refused(tmp_path):
 
 
 def test_torchvision_weights_with_the_stride_in_the_1x1_conv_are_refused(tmp_path):
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
-    opts = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
+    resnet = torchvision.models.resnet50(weights=None, width_per_group=16)
+    torch.save(resnet.state_dict(), tmp_path / "r50.pth")
+    opts = [*R50_NARROW, "MODEL.RESNETS.STRIDE_IN_1X1", "True"]
     with pytest.raises(ValueError, match=r"set MODEL\.RESNETS\.STRIDE_IN_1X1 False .* got True"):
         _convert(opts, tmp_path / "r50.pth", tmp_path / "out.pth")
 
