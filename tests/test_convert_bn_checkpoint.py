@@ -92,23 +92,31 @@ def _assert_same(got: dict, expected: dict):
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_detectron2_checkpoint_gives_the_same_backbone_and_fpn(norm, tmp_path):
-    cfg = _cfg()
+@pytest.mark.parametrize("norm, centred", [("BN", True), ("FrozenBN", True), ("BN", False)])
+def test_detectron2_checkpoint_gives_the_same_backbone_and_fpn(norm, centred, tmp_path):
+    """BN and FrozenBN checkpoints; and a model whose convs are not centred
+    (MODEL.MABN.CENTRED_CONV False), which needs no offset: the BN mean goes into β."""
+    opts = ["MODEL.MABN.CENTRED_CONV", str(centred)]
+    cfg = _cfg(*opts)
     bn = _bn_model(cfg)
     _randomise_(bn, bn.backbone)
     if norm == "FrozenBN":
         bn = FrozenBatchNorm2d.convert_frozen_batchnorm(bn)
     torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
-    out = _convert([], tmp_path / "bn.pth", tmp_path / "mabn.pth")
+    out = _convert(opts, tmp_path / "bn.pth", tmp_path / "mabn.pth")
 
     model = _mabn_model(cfg, out)
     with torch.no_grad():
         _assert_same(model.backbone(X), bn.backbone(X))
-    # Every normalised conv (backbone, FPN, heads) was converted, with its offset.
-    pairs = [m for m in model.modules() if isinstance(m, CentredConv2d)]
-    assert pairs and all(isinstance(m.pretrained_offset, PretrainedOffset) for m in pairs)
-    assert all(int(m.pretrained_offset.fade_iters) == 1000 for m in pairs)
+    # Every normalised conv (backbone, FPN, heads) was converted, with an offset where centred.
+    pairs = [m for m in model.modules() if isinstance(getattr(m, "norm", None), MABN2d)]
+    assert len(pairs) == 20 + 8 + 4 + 4  # R18 with shortcuts, FPN, box convs, mask convs
+    offsets = [m._modules.get("pretrained_offset") for m in pairs]
+    if centred:
+        assert all(int(offset.fade_iters) == 1000 for offset in offsets)
+    else:
+        assert offsets == [None] * len(pairs) and not any(isinstance(m, CentredConv2d)
+                                                         for m in pairs)
 
 
 def _c2_name(name: str) -> str:
