@@ -13,7 +13,8 @@ Detectron2's; then every conv → FrozenBN pair of the twin becomes the model's 
 - The conv, a CentredConv2d, keeps the loaded filters W and gets a `PretrainedOffset`: each filter's
   mean and the bias −μ (BN's running mean), added back in its forward. In eval mode the model then
   computes γ·(conv(x, W) − μ)/√(σ² + ε) + β, the BN model's function; the offset fades to zero over
-  ``fade_iters`` training forwards, after which the conv is a plain CentredConv2d.
+  ``fade_iters`` training forwards, after which the conv is a plain CentredConv2d. (A conv that is
+  not centred, MODEL.MABN.CENTRED_CONV False, needs no offset: μ goes into β as below.)
 - ``centre_filters=True`` is the authors' approach instead (it gave 19.6 box AP, megvii-model/MABN
   issue #2): no offset, so the filters are centred from the start, and μ is folded into β
   (β − γ·μ/√(σ² + ε)). Not exact: centring changes each conv by −mean(W)·(window sum of its input).
