@@ -263,11 +263,12 @@ def convert_bn_checkpoint(cfg: CfgNode | abc.MutableMapping, source: str, *,
         model_state[key].copy_(twin_state[key])
         written.add(key)
 
-    pairs = len(consumed) // len(_PAIR_KEYS)
+    offsets = sum("pretrained_offset" in conv._modules for _, conv in _mabn_pairs(model))
+    how = ("with their filters centred from the start (not exact)" if centre_filters else
+           f"exactly, {offsets} with an offset fading over {fade_iters} training forwards")
     logger.info(
-        f"Converted {pairs} conv → BN pairs to conv → MABN "
-        + ("with their filters centred (not exact)" if centre_filters else
-           f"exactly (offsets fading over {fade_iters} training forwards)")
-        + f" and copied {len(loaded - consumed)} other tensors from {source} "
-          f"({loader.source_format} format); the model's other tensors are not in the checkpoint")
+        f"Converted {len(consumed) // len(_PAIR_KEYS)} conv → BN pairs to conv → MABN {how}, and "
+        f"copied {len(loaded - consumed)} other tensors, from {source} ({loader.source_format} "
+        f"format); {len(model_state) - len(written)} of the model's {len(model_state)} tensors "
+        "are not in the checkpoint (the fine-tuning run initialises them)")
     return {key: value for key, value in model.state_dict().items() if key in written}
