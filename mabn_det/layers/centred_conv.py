@@ -11,6 +11,7 @@ from torch import nn
 
 from .mabn import MABN2d
 from .per_level_mabn import PerLevelMABN2d
+from .pretrained_offset import PretrainedOffset
 
 __all__ = ["CentredConv2d"]
 
@@ -25,6 +26,12 @@ class CentredConv2d(Conv2d):
     It takes the same arguments (including ``norm`` and ``activation``) and has the same state-dict
     keys as `detectron2.layers.Conv2d`; the stored weights stay uncentred and the centring is part of
     the differentiable forward.
+
+    A conv loaded from a converted BatchNorm checkpoint (`mabn_det.bn_checkpoint`) also has a
+    child ``pretrained_offset`` (`PretrainedOffset`): it is created when the state dict being loaded
+    holds its keys, adds the loaded filters' means and the BN mean back so that the conv computes
+    the loaded one, and fades them to zero during fine-tuning. Other convs have no such child and
+    no such keys.
     """
 
     def centred_weight(self) -> torch.Tensor:
@@ -32,13 +39,28 @@ class CentredConv2d(Conv2d):
         return self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.centred_weight(), self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
+        weight, bias = self.centred_weight(), self.bias
+        # A class swap (convert_convs_before_mabn) runs no __init__: read the child from _modules.
+        offset = self._modules.get("pretrained_offset")
+        if offset is not None:
+            weight, bias = offset(weight, bias)
+        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Children are loaded after their parent, so a child added here receives its keys.
+        if (prefix + "pretrained_offset.filter_mean" in state_dict
+                and "pretrained_offset" not in self._modules):
+            # In the conv's mode: an offset added to a model in eval mode must not count forwards.
+            offset = PretrainedOffset(self.out_channels).to(self.weight.device).train(self.training)
+            self.add_module("pretrained_offset", offset)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @classmethod
     def convert_convs_before_mabn(cls, module: nn.Module) -> nn.Module:

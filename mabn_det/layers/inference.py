@@ -55,6 +55,17 @@ def _replace_mabn(module: nn.Module) -> None:
             _replace_mabn(child)
 
 
+def _fold_pretrained_offset_(conv: CentredConv2d) -> None:
+    """Remove the conv's PretrainedOffset, keeping its eval output: α·filter_mean joins the centred
+    weight, and α·bias passes through the MABN2d's eval map into its β
+    (+ γ·α·bias/√(running_var+ε)), since the stock conv before a norm has no bias."""
+    offset = conv._modules.pop("pretrained_offset")
+    alpha = offset.scale()
+    conv.weight.add_(alpha * offset.filter_mean)
+    mabn = conv.norm
+    mabn.bias.add_(mabn.weight * alpha * offset.bias / torch.sqrt(mabn.running_var + mabn.eps))
+
+
 def _fold_frozen_bn_(conv: Conv2d) -> None:
     """conv → norm becomes one conv: W·s, b·s + (β − μ·s) with s = γ/√(σ²+ε) per output channel."""
     norm = conv.norm
@@ -77,8 +88,10 @@ def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
 
     Eval outputs are unchanged: MABN at inference is the per-channel affine map
     γ·x/√(running_var+ε) + β, i.e. FrozenBatchNorm2d with running_mean 0 (per level: BatchNorm2d in
-    eval mode, whose statistics a training-mode forward would overwrite). Module identity of the
-    convs is kept (their class is swapped), so containers that hold them in plain lists keep working.
+    eval mode, whose statistics a training-mode forward would overwrite). A conv's
+    `PretrainedOffset` (from a converted BN checkpoint) is folded into its weight and its MABN's β
+    at the offset's current scale, and removed. Module identity of the convs is kept (their class is
+    swapped), so containers that hold them in plain lists keep working.
 
     Args:
         model: any module; only MABN2d and CentredConv2d instances are changed.
@@ -92,9 +105,11 @@ def convert_to_inference_form(model: nn.Module, *, fold_into_conv: bool = False,
     """
     if not inplace:
         model = copy.deepcopy(model)
-    for m in model.modules():
+    for m in list(model.modules()):  # a folded offset leaves its conv's children
         if isinstance(m, CentredConv2d):
             m.weight.copy_(m.centred_weight())
+            if "pretrained_offset" in m._modules:
+                _fold_pretrained_offset_(m)
             m.__class__ = Conv2d
     _replace_mabn(model)
     if fold_into_conv:
