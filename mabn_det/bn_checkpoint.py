@@ -5,7 +5,7 @@ Sources: a Detectron2 checkpoint (``.pth`` with BN, SyncBN or FrozenBN; ``{"mode
 state dict), a Detectron2 MSRA/Caffe2 ``.pkl`` (``R-50.pkl``, FrozenBN as scale and bias), or a
 torchvision ResNet state dict. Each is loaded by Detectron2's own checkpointer into the BN twin of
 the MABN model (the same config with every "MABN" read as "FrozenBN", see
-`mabn_det.config.stock_inference_config`), so names, Caffe2 renaming and FrozenBN's defaults are
+`mabn_det.modeling.stock_inference_config`), so names, Caffe2 renaming and FrozenBN's defaults are
 Detectron2's; then every conv → FrozenBN pair of the twin becomes the model's conv → MABN2d:
 
 - MABN2d: γ and β as loaded, running_var = σ² + ε_BN − ε_MABN, so that its eval map
@@ -38,7 +38,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 from torch import nn
 
-from .config import stock_inference_config
+from .modeling import stock_inference_config
 from .layers import CentredConv2d, MABN2d, PretrainedOffset
 from .lazy import stock_lazy_config
 
