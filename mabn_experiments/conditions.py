@@ -1,9 +1,9 @@
 """The conditions of the norm study: on which data, with which model and schedule, the arms are
 compared, and how each condition's data is made and registered.
 
-Each condition keeps its run records in `RESULTS/<name>/runs/` and its own calibration: BN@16 must
-learn the task (at least `calibration_target` box AP) and BN@2 must trail it by at least
-`CALIBRATION_GAP`, else the report says that the condition cannot rank norms.
+Each condition keeps its run records in `RESULTS/<name>/runs/`. A comparison of norms has its own
+calibration: BN@16 must learn the task (at least `calibration_target` box AP) and BN@2 must trail it
+by at least `CALIBRATION_GAP`, else the report says that the condition cannot rank norms.
 """
 import os
 from dataclasses import dataclass
@@ -19,6 +19,8 @@ _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         "tiny")
 ALL_ARMS = ("BN@16", "BN@2", "GN@2", "MABN@2", "MABN@2-buffer1")
 PAPER_ARMS = ("BN@16", "BN@2", "GN@2", "MABN@2")
+PRETRAINED_ARMS = ("FrozenBN", "FrozenBN+MABN@2", "MABN@2-converted", "MABN@2-centred",
+                   "BN@2-pretrained")
 # BN@2 must trail BN@16 by at least this much box AP for a condition to rank norms.
 CALIBRATION_GAP = 3.0
 # The shapes sets: generator seed and (train, val) images, full size and tiny.
@@ -39,7 +41,11 @@ class Condition:
         opts: KEY VALUE overrides of the config, applied after the arm's settings.
         precise_bn_batches: training batches of the extra PreciseBN evaluation of MABN arms, 0
             for none.
-        calibration_target: box AP that BN@16 must reach for the condition to rank norms.
+        calibration_target: box AP that BN@16 must reach for the condition to rank norms; None
+            for a condition that is no such comparison.
+        pretrained_from: the condition whose BN@16 seed-0 run gives the pretrained BN backbone of
+            the arms that start from one.
+        beside: (condition, arms) whose runs the report shows beside this condition's.
     """
 
     name: str
@@ -50,7 +56,9 @@ class Condition:
     seeds: Tuple[int, ...]
     opts: Tuple[str, ...] = ()
     precise_bn_batches: int = 0
-    calibration_target: float = 40.0
+    calibration_target: float | None = 40.0
+    pretrained_from: str | None = None
+    beside: Tuple[str, Tuple[str, ...]] | None = None
 
     @property
     def config_path(self) -> str:
@@ -78,6 +86,14 @@ CONDITIONS: Dict[str, Condition] = {c.name: c for c in (
     Condition("trees", "real aerial images: deepforest's tree crowns, 128 px tiles, box-only "
               "Faster R-CNN, 800 steps", "trees", "study_R18_FPN_trees.yaml", PAPER_ARMS,
               (0, 1, 2), calibration_target=20.0),
+    Condition("standard_pretraining", "BN@16 on the \"standard\" shapes style (six classes told "
+              "apart by outline, clutter, photometry), 800 steps: the pretrained BN backbone of "
+              "the pretrained condition", "standard", _SHAPES_CONFIG, ("BN@16",), (0,),
+              opts=("MODEL.ROI_HEADS.NUM_CLASSES", "6"), calibration_target=None),
+    Condition("pretrained", "from the BN backbone of standard_pretraining, fine-tuned at 2 "
+              "images per statistic on the photometric condition's data and schedule",
+              "study", _SHAPES_CONFIG, PRETRAINED_ARMS, (0, 1), calibration_target=None,
+              pretrained_from="standard_pretraining", beside=("photometric", ("BN@16", "MABN@2"))),
 )}
 
 # Every condition in a minute: a few iterations on tiny images (checks the pipeline, ranks nothing).

@@ -23,6 +23,7 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from mabn_det.bn_checkpoint import convert_bn_checkpoint
 from mabn_det.config import load_config, set_key
 from mabn_det.engine import Trainer
 from mabn_det.engine.trainer import has_mabn
@@ -32,8 +33,8 @@ from .conditions import register_dataset
 from .plots import read_metrics
 from .runs import code_commit, describe_machine, run_as_completed
 
-__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "differing_results", "read_evaluations",
-           "result_path", "run_study", "study_config", "train_run"]
+__all__ = ["ARMS", "Arm", "StudyRun", "configure_arm", "differing_results", "extract_backbone",
+           "read_evaluations", "result_path", "run_study", "study_config", "train_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,34 @@ class Arm:
     """One normalisation setting of the study.
 
     Attributes:
-        norm: the NORM of backbone, FPN, box and mask heads.
+        norm: the NORM of the backbone, and of the FPN, box and mask heads unless `head_norm`.
+            "FrozenBN" also freezes the stem and res2, as Detectron2 ships a pretrained backbone.
         micro_batches: forwards per optimizer step; each normalises SOLVER.IMS_PER_BATCH /
             micro_batches images on its own, as that many GPUs without synchronisation would.
-        mabn_buffer: MODEL.MABN.BUFFER_SIZE (MABN arms only).
+        mabn_buffer: MODEL.MABN.BUFFER_SIZE (arms with MABN only).
+        head_norm: the NORM of the FPN, box and mask heads when it differs from `norm` ("": none).
+        init: "scratch"; or the pretrained BN backbone of the condition's source run: "bn" loaded
+            as it is, "converted" by `convert_bn_checkpoint` (exact; the filter and BN means fade
+            over `PRETRAINED_FADE_STEPS`), "centred" with its filters simply centred (the MABN
+            authors' way, not exact).
     """
 
     norm: str
     micro_batches: int
     mabn_buffer: int | None = None
+    head_norm: str | None = None
+    init: str = "scratch"
 
     @property
-    def images_per_statistic(self) -> int:
-        """Images whose activations make up one normalisation statistic (GN: each image alone)."""
-        if self.norm == "GN":
+    def images_per_statistic(self) -> int | None:
+        """Images whose activations make up one trained normalisation statistic (GN: each image
+        alone; None when no layer trains a statistic)."""
+        norm = self.head_norm if self.norm == "FrozenBN" else self.norm
+        if not norm or norm == "FrozenBN":
+            return None
+        if norm == "GN":
             return 1
-        return IMAGES_PER_STEP // self.micro_batches * (self.mabn_buffer or 1)
+        return IMAGES_PER_STEP // self.micro_batches * (self.mabn_buffer if norm == "MABN" else 1)
 
 
 # Images per optimizer step in every arm (8 GPUs × 2 images in the paper).
@@ -70,7 +83,18 @@ ARMS: Dict[str, Arm] = {
     "MABN@2": Arm("MABN", micro_batches=8, mabn_buffer=8),
     # Centring and second-moment normalisation without the moving averages, the paper's idea.
     "MABN@2-buffer1": Arm("MABN", micro_batches=8, mabn_buffer=1),
+    # From a pretrained BN backbone: Detectron2's usual recipe (FrozenBN backbone, no norm in the
+    # FPN and heads), MABN in the FPN and heads only, MABN everywhere converted exactly or with
+    # the filters simply centred, and BN over 2 images everywhere.
+    "FrozenBN": Arm("FrozenBN", micro_batches=8, head_norm="", init="bn"),
+    "FrozenBN+MABN@2": Arm("FrozenBN", micro_batches=8, mabn_buffer=8, head_norm="MABN",
+                           init="bn"),
+    "MABN@2-converted": Arm("MABN", micro_batches=8, mabn_buffer=8, init="converted"),
+    "MABN@2-centred": Arm("MABN", micro_batches=8, mabn_buffer=8, init="centred"),
+    "BN@2-pretrained": Arm("BN", micro_batches=8, init="bn"),
 }
+# Optimizer steps over which a converted checkpoint's filter and BN means fade to zero.
+PRETRAINED_FADE_STEPS = 100
 
 
 def configure_arm(cfg: CfgNode, arm: Arm) -> None:
@@ -82,7 +106,10 @@ def configure_arm(cfg: CfgNode, arm: Arm) -> None:
     cfg.SOLVER.IMS_PER_BATCH = IMAGES_PER_STEP
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = arm.micro_batches
     for key in supported_norm_keys():
-        set_key(cfg, key, arm.norm)
+        head = arm.head_norm is not None and key != "MODEL.RESNETS.NORM"
+        set_key(cfg, key, arm.head_norm if head else arm.norm)
+    if arm.norm == "FrozenBN":
+        cfg.MODEL.BACKBONE.FREEZE_AT = 2
     if arm.mabn_buffer:
         cfg.MODEL.MABN.BUFFER_SIZE = arm.mabn_buffer
         cfg.MODEL.MABN.WARMUP_ITERS *= arm.micro_batches
@@ -168,6 +195,8 @@ class StudyRun:
         threads: torch threads of the run's process (results depend on it, in the last bits).
         precise_bn_batches: training batches of the PreciseBN evaluation of MABN arms; 0 for none.
         command: the command line, relative to the repository, that re-runs exactly this run.
+        pretrained_backbone: for an arm that starts from a pretrained BN backbone, a Detectron2
+            checkpoint of it (`extract_backbone`).
     """
 
     condition: str
@@ -181,10 +210,23 @@ class StudyRun:
     threads: int
     precise_bn_batches: int
     command: str = ""
+    pretrained_backbone: str = ""
 
     @property
     def name(self) -> str:
         return f"{self.condition}/{self.arm}_seed{self.seed}"
+
+
+def initial_weights(run: StudyRun) -> str:
+    """MODEL.WEIGHTS of `run`: "" from scratch, the pretrained backbone itself, or the converted
+    checkpoint that `train_run` writes into the run's directory."""
+    init = ARMS[run.arm].init
+    if init == "scratch":
+        return ""
+    if not run.pretrained_backbone:
+        raise ValueError(f"arm {run.arm} starts from a pretrained backbone, but its run names none")
+    return run.pretrained_backbone if init == "bn" else os.path.join(run.output_dir,
+                                                                     "initial_weights.pth")
 
 
 def study_config(run: StudyRun) -> CfgNode:
@@ -194,9 +236,20 @@ def study_config(run: StudyRun) -> CfgNode:
     cfg.merge_from_list(["DATASETS.TRAIN", "('study_train',)", "DATASETS.TEST", "('study_val',)",
                          "SEED", str(run.seed), "OUTPUT_DIR", run.output_dir,
                          "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu",
-                         *run.opts])
+                         "MODEL.WEIGHTS", initial_weights(run), *run.opts])
     cfg.freeze()
     return cfg
+
+
+def extract_backbone(checkpoint: str, out: str) -> str:
+    """Write the bottom-up ResNet of a Detectron2 `checkpoint` alone to `out`, as an ImageNet
+    checkpoint holds it (the FPN and heads of the source task stay behind). Returns `out`."""
+    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    backbone = {k: v for k, v in model.items() if k.startswith("backbone.bottom_up.")}
+    if not backbone:
+        raise ValueError(f"{checkpoint} holds no backbone.bottom_up.* tensor")
+    torch.save({"model": backbone}, out)
+    return out
 
 
 def train_run(run: StudyRun) -> Dict:
@@ -210,8 +263,14 @@ def train_run(run: StudyRun) -> Dict:
     setup_logger(run.output_dir, name="mabn_det")
     with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
+    arm = ARMS[run.arm]
+    if arm.init in ("converted", "centred") and not os.path.exists(cfg.MODEL.WEIGHTS):
+        state = convert_bn_checkpoint(cfg, run.pretrained_backbone,
+                                      fade_iters=PRETRAINED_FADE_STEPS * arm.micro_batches,
+                                      centre_filters=arm.init == "centred")
+        torch.save({"model": state}, cfg.MODEL.WEIGHTS)
     # The weights' initialisation too depends on the seed alone (as Detectron2's default_setup
-    # makes it).
+    # makes it); seeded after the conversion, which builds models of its own.
     seed_all_rng(cfg.SEED)
     trainer = StudyTrainer(cfg, run.precise_bn_batches)
     trainer.resume_or_load(resume=True)
@@ -248,8 +307,10 @@ def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
     final = evaluations[-1]
     commit = code_commit(_REPO)
     return {
-        "condition": run.condition, "arm": run.arm, "seed": run.seed, "norm": arm.norm, "micro_batches": arm.micro_batches,
-        "mabn_buffer": arm.mabn_buffer, "images_per_statistic": arm.images_per_statistic,
+        "condition": run.condition, "arm": run.arm, "seed": run.seed, "norm": arm.norm,
+        "micro_batches": arm.micro_batches,
+        "mabn_buffer": arm.mabn_buffer, "head_norm": arm.head_norm, "init": arm.init,
+        "images_per_statistic": arm.images_per_statistic,
         "images_per_step": IMAGES_PER_STEP, "iterations": cfg.SOLVER.MAX_ITER,
         **{k: v for k, v in final.items() if "_AP" in k},
         "evaluations": [{k: v for k, v in r.items() if k == "iteration" or "_AP" in k}

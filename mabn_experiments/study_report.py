@@ -45,6 +45,8 @@ def _by_arm(records: List[Dict]) -> Dict[str, List[Dict]]:
 def calibration(condition: Condition, by_arm: Dict[str, List[Dict]]) -> Tuple[bool | None, str]:
     """Whether `condition` can rank norms (its BN@16 learns the task and BN@2 trails it clearly;
     None until both have runs), and one sentence saying why."""
+    if condition.calibration_target is None:
+        return None, "No calibration: this condition does not compare BN@16 with BN@2."
     big, small = by_arm.get("BN@16", []), by_arm.get("BN@2", [])
     if not big or not small:
         return None, "Calibration: waiting for BN@16 and BN@2."
@@ -87,18 +89,22 @@ def _precise_bn_effect_table(by_arm: Dict[str, List[Dict]], iterations: Sequence
     return markdown_table(["arm", "seeds", *map(str, iterations)], rows)
 
 
-def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
-    by_arm = _by_arm(records)
+def _condition_section(condition: Condition, records: List[Dict],
+                       beside: Dict[str, List[Dict]]) -> List[str]:
+    """The report's section on `condition`; `beside` maps labels to other conditions' runs shown
+    with its own."""
+    by_arm = {**_by_arm(records), **beside}
     masks = condition.has_masks
     rows, precise_rows = [], []
     for arm, runs in by_arm.items():
-        rows.append([arm, ARMS[arm].norm, ARMS[arm].images_per_statistic,
+        settings = ARMS[runs[0]["arm"]]
+        rows.append([arm, settings.norm, settings.images_per_statistic or "–",
                      _mean_cell([r["bbox_AP"] for r in runs]),
                      *([_mean_cell([r["segm_AP"] for r in runs])] if masks else []),
                      ", ".join(f"{r['bbox_AP']:.1f}" for r in runs),
                      ", ".join(str(r["seed"]) for r in runs),
                      f"{statistics.fmean(r['seconds_per_iteration'] for r in runs):.2f}"])
-        if masks and all("bbox_AP_precise_bn" in r for r in runs):
+        if masks and arm not in beside and all("bbox_AP_precise_bn" in r for r in runs):
             precise_rows.append([arm, ", ".join(str(r["seed"]) for r in runs),
                                  *(_mean_cell([r[k] for r in runs]) for k in (
                                      "bbox_AP", "bbox_AP_precise_bn", "segm_AP",
@@ -108,7 +114,7 @@ def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
              + (f" with `{' '.join(condition.opts)}`" if condition.opts else "")
              + f"; arms {', '.join(condition.arms)}; seeds "
              f"{', '.join(map(str, condition.seeds))}.", "",
-             calibration(condition, by_arm)[1], "",
+             calibration(condition, _by_arm(records))[1], "",
              f"Final COCO AP on the validation set ({records[0]['iterations']} iterations; "
              "mean ± sample std over seeds):", "",
              markdown_table(["arm", "norm", "images per statistic", "box AP",
@@ -123,6 +129,8 @@ def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
         curve_rows.append((arm, {it: statistics.fmean(v) for it, v in points.items()
                                  if len(v) == len(runs)}))
     iterations = sorted({it for _, curve in curve_rows for it in curve})
+    if beside:
+        lines += ["", f"Shown beside this condition's arms: {', '.join(beside)}."]
     lines += ["", "Box AP at each evaluation (mean over the arm's seeds):", "",
               markdown_table(["arm", *map(str, iterations)],
                              [[arm, *(f"{curve[it]:.1f}" if it in curve else "–"
@@ -134,7 +142,7 @@ def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
                                   "mask AP, PreciseBN"], precise_rows),
                   "", "PreciseBN's effect at each evaluation: box AP with PreciseBN statistics "
                   "minus box AP with the moving-average statistics, mean over seeds (lowest, "
-                  "highest):", "", _precise_bn_effect_table(by_arm, iterations)]
+                  "highest):", "", _precise_bn_effect_table(_by_arm(records), iterations)]
     lines += ["", "The runs (wall time: the training with its evaluations, summed over the "
               "sessions of a resumed run; the machine may have been busy with other work, which "
               "changes times but not results):", "",
@@ -154,6 +162,9 @@ def _condition_section(condition: Condition, records: List[Dict]) -> List[str]:
 
 
 def _summary_table(records_by_condition: Dict[str, List[Dict]]) -> str:
+    """One row per comparison of norms (the conditions with a calibration)."""
+    records_by_condition = {name: records for name, records in records_by_condition.items()
+                            if CONDITIONS[name].calibration_target is not None}
     arms = [arm for arm in ARMS if any(r["arm"] == arm for records in
                                        records_by_condition.values() for r in records)]
     rows = []
@@ -188,10 +199,15 @@ def write_report(results_dir: str) -> List[str]:
     paths = [os.path.join(results_dir, REPORT_NAME)]
     for name, records in records_by_condition.items():
         condition = CONDITIONS[name]
-        lines += _condition_section(condition, records)
+        beside = {}
+        if condition.beside:
+            other, arms = condition.beside
+            beside = {f"{arm}, {other}": runs for arm, runs in
+                      _by_arm(read_records(results_dir, other)).items() if arm in arms}
+        lines += _condition_section(condition, records, beside)
         png = os.path.join(results_dir, name, CURVES_NAME)
         plot_ap_curves({arm: [r["evaluations"] for r in runs]
-                        for arm, runs in _by_arm(records).items()}, png,
+                        for arm, runs in {**_by_arm(records), **beside}.items()}, png,
                        f"{name}: AP against iterations (line: mean over seeds; band: min to max)")
         paths.append(png)
     with open(paths[0], "w") as f:

@@ -21,8 +21,8 @@ import os
 import shlex
 
 from mabn_experiments.conditions import CONDITIONS, TINY_OPTS, prepare_dataset
-from mabn_experiments.runs import commit_files, threads_per_job
-from mabn_experiments.study import ARMS, StudyRun, run_study
+from mabn_experiments.runs import commit_files, run_in_processes, threads_per_job
+from mabn_experiments.study import ARMS, StudyRun, extract_backbone, run_study, train_run
 from mabn_experiments.study_report import REPORT_NAME, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,32 +54,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def plan_runs(args: argparse.Namespace, out: str, threads: int) -> list:
-    """The StudyRuns the arguments ask for, seed by seed, then condition, then arm."""
-    runs = []
-    datasets = {}
-    for seed in sorted({s for name in args.condition for s in CONDITIONS[name].seeds}
-                       | set(args.seeds or ())):
-        for name in args.condition:
-            condition = CONDITIONS[name]
-            if seed not in (args.seeds or condition.seeds):
-                continue
-            for arm in condition.arms:
-                if args.arms and arm not in args.arms:
-                    continue
-                if name not in datasets:
-                    datasets[name] = prepare_dataset(condition, os.path.join(out, "datasets"),
-                                                     tiny=args.tiny)
-                opts = [*condition.opts, *(TINY_OPTS if args.tiny else ()), *args.opts]
-                precise = (2 if args.tiny and condition.precise_bn_batches
-                           else condition.precise_bn_batches)
-                command = ["python", TOOL, "--condition", name, "--arms", arm, "--seeds",
-                           str(seed), "--threads", str(threads), *(["--tiny"] if args.tiny else []),
-                           *args.opts]
-                runs.append(StudyRun(name, arm, seed, condition.config_path, condition.data,
-                                     datasets[name], os.path.join(out, name, arm, f"seed{seed}"),
-                                     opts, threads, precise, shlex.join(command)))
-    return runs
+class Planner:
+    """Makes the StudyRuns that the arguments ask for, sharing each condition's data."""
+
+    def __init__(self, args: argparse.Namespace, out: str, threads: int):
+        self.args, self.out, self.threads = args, out, threads
+        self._datasets = {}
+
+    def run(self, name: str, arm: str, seed: int) -> StudyRun:
+        """The run of (condition `name`, `arm`, `seed`)."""
+        condition, args = CONDITIONS[name], self.args
+        if name not in self._datasets:
+            self._datasets[name] = prepare_dataset(condition, os.path.join(self.out, "datasets"),
+                                                   tiny=args.tiny)
+        opts = [*condition.opts, *(TINY_OPTS if args.tiny else ()), *args.opts]
+        precise = (2 if args.tiny and condition.precise_bn_batches
+                   else condition.precise_bn_batches)
+        command = ["python", TOOL, "--condition", name, "--arms", arm, "--seeds", str(seed),
+                   "--threads", str(self.threads), *(["--tiny"] if args.tiny else []), *args.opts]
+        backbone = (self.backbone_path(condition.pretrained_from)
+                    if condition.pretrained_from else "")
+        return StudyRun(name, arm, seed, condition.config_path, condition.data,
+                        self._datasets[name], os.path.join(self.out, name, arm, f"seed{seed}"),
+                        opts, self.threads, precise, shlex.join(command), backbone)
+
+    def requested(self) -> list:
+        """Every run the arguments ask for: seed by seed, then condition, then arm."""
+        args = self.args
+        seeds = sorted({s for name in args.condition for s in CONDITIONS[name].seeds}
+                       | set(args.seeds or ()))
+        return [self.run(name, arm, seed) for seed in seeds for name in args.condition
+                if seed in (args.seeds or CONDITIONS[name].seeds)
+                for arm in CONDITIONS[name].arms if not args.arms or arm in args.arms]
+
+    def backbone_path(self, source: str) -> str:
+        """Where the pretrained backbone of condition `source` is written."""
+        return os.path.join(self.out, source, "backbone.pth")
+
+    def pretraining(self, runs: list) -> list:
+        """(source run, backbone path) of every pretrained backbone that `runs` start from: the
+        source condition's BN@16, seed 0."""
+        sources = {CONDITIONS[r.condition].pretrained_from for r in runs} - {None}
+        return [(self.run(name, "BN@16", 0), self.backbone_path(name)) for name in sorted(sources)]
+
+
+def prepare_backbones(sources: list, results: str, on_result) -> None:
+    """Train each source run of `sources` ((run, backbone path) pairs) unless its final model is
+    there, recording it if it has no record yet; then write the backbone its dependants load."""
+    for source, backbone in sources:
+        final = os.path.join(source.output_dir, "model_final.pth")
+        if not os.path.exists(final) and not run_study([source], results, 1, on_result=on_result):
+            run_in_processes(train_run, [source], 1, desc="pretraining")  # recorded earlier
+        extract_backbone(final, backbone)
 
 
 def main(argv=None) -> None:
@@ -104,7 +130,9 @@ def main(argv=None) -> None:
             commit_files([path, *report], f"study {record['condition']}: {record['arm']} seed "
                          f"{record['seed']}, {record['iterations']} iterations: {aps} AP")
 
-    runs = plan_runs(args, out, args.threads or threads_per_job(args.jobs))
+    planner = Planner(args, out, args.threads or threads_per_job(args.jobs))
+    runs = planner.requested()
+    prepare_backbones(planner.pretraining(runs), results, on_result)
     run_study(runs, results, args.jobs, on_result=on_result)
     print(open(os.path.join(results, REPORT_NAME)).read())
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mabn_experiments.conditions import CONDITIONS, TINY_OPTS
+from mabn_det.engine import Trainer
+from mabn_experiments.conditions import (ALL_ARMS, CONDITIONS, PRETRAINED_ARMS, TINY_OPTS,
+                                         register_dataset)
 from mabn_experiments.runs import commit_files
 from mabn_experiments.shapes import generate_shapes_dataset
 from mabn_experiments.study import (
@@ -18,7 +21,9 @@ from mabn_experiments.study import (
     StudyTrainer,
     configure_arm,
     differing_results,
+    extract_backbone,
     result_path,
+    study_config,
     train_run,
 )
 from mabn_experiments.study_report import read_records, write_report
@@ -27,7 +32,7 @@ from tests.common import make_cfg
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("arm", list(ARMS))
+@pytest.mark.parametrize("arm", ALL_ARMS)
 def test_arms_share_the_optimizer_batch_and_differ_in_normalisation(arm):
     cfg = make_cfg(opts=["MODEL.MABN.WARMUP_ITERS", "10", "MODEL.MABN.RENORM_WARMUP_ITERS", "30"])
     configure_arm(cfg, ARMS[arm])
@@ -36,11 +41,28 @@ def test_arms_share_the_optimizer_batch_and_differ_in_normalisation(arm):
     assert images_per_forward == int(arm.split("@")[1].split("-")[0])
     norms = {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM,
              cfg.MODEL.ROI_MASK_HEAD.NORM}
-    assert norms == {ARMS[arm].norm}
+    assert norms == {ARMS[arm].norm} and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     if arm.startswith("MABN"):  # the layer counts forwards: 8 micro-batches per step
         assert (cfg.MODEL.MABN.WARMUP_ITERS, cfg.MODEL.MABN.RENORM_WARMUP_ITERS) == (80, 240)
         statistic = cfg.MODEL.MABN.BUFFER_SIZE * images_per_forward
         assert statistic == ARMS[arm].images_per_statistic == (16 if arm == "MABN@2" else 2)
+
+
+@pytest.mark.parametrize("arm, backbone, heads, freeze_at, statistic", [
+    ("FrozenBN", "FrozenBN", "", 2, None),
+    ("FrozenBN+MABN@2", "FrozenBN", "MABN", 2, 16),
+    ("MABN@2-converted", "MABN", "MABN", 0, 16),
+    ("MABN@2-centred", "MABN", "MABN", 0, 16),
+    ("BN@2-pretrained", "BN", "BN", 0, 2)])
+def test_pretrained_arms_set_backbone_and_heads_apart(arm, backbone, heads, freeze_at,
+                                                        statistic):
+    cfg = make_cfg()
+    configure_arm(cfg, ARMS[arm])
+    assert cfg.SOLVER.GRAD_ACCUMULATION_STEPS == 8 and ARMS[arm].init != "scratch"
+    assert cfg.MODEL.RESNETS.NORM == backbone and cfg.MODEL.BACKBONE.FREEZE_AT == freeze_at
+    assert {cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM} == {heads}
+    assert ARMS[arm].images_per_statistic == statistic
+    assert set(PRETRAINED_ARMS) == {a for a, settings in ARMS.items() if settings.init != "scratch"}
 
 
 def fake_record(condition, arm, seed, ap):
@@ -147,6 +169,47 @@ def tiny_run(tiny_data, output_dir, arm="MABN@2", precise_bn_batches=2):
 
 def final_weights(output_dir):
     return torch.load(os.path.join(output_dir, "model_final.pth"), weights_only=False)["model"]
+
+
+def pretrained_bn_backbone(tiny_data, directory):
+    """A BN Mask R-CNN of the study config with non-trivial statistics, its backbone extracted."""
+    register_dataset("study", tiny_data, ("study_train", "study_val"))
+    source = StudyRun("photometric", "BN@16", 0, CONDITIONS["photometric"].config_path, "study",
+                      tiny_data, str(directory), TINY_OPTS, 1, 0)
+    model = Trainer.build_model(study_config(source))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    directory.mkdir(parents=True)
+    torch.save({"model": model.state_dict()}, directory / "model_final.pth")
+    return extract_backbone(str(directory / "model_final.pth"), str(directory / "backbone.pth"))
+
+
+@pytest.mark.parametrize("arm", ["FrozenBN", "MABN@2-converted"])
+def test_pretrained_arms_start_from_the_backbone(tiny_data, tmp_path, arm):
+    backbone = pretrained_bn_backbone(tiny_data, tmp_path / "source")
+    loaded = torch.load(backbone, weights_only=False)["model"]
+    assert loaded and all(key.startswith("backbone.bottom_up.") for key in loaded)
+    run = dataclasses.replace(tiny_run(tiny_data, tmp_path / arm, arm=arm, precise_bn_batches=0),
+                              condition="pretrained", pretrained_backbone=backbone)
+    record = train_run(run)
+    assert (record["init"], record["arm"]) == (ARMS[arm].init, arm)
+    trained = final_weights(tmp_path / arm)
+    stem = "backbone.bottom_up.stem.conv1"
+    if arm == "FrozenBN":  # loaded as it is, and frozen up to res2
+        for key in (f"{stem}.weight", f"{stem}.norm.running_var",
+                    "backbone.bottom_up.res2.0.conv1.weight"):
+            assert torch.equal(trained[key], loaded[key]), key
+        assert not torch.equal(trained["backbone.bottom_up.res3.0.conv1.weight"],
+                               loaded["backbone.bottom_up.res3.0.conv1.weight"])
+    else:  # converted: the filter means fade over 100 steps of 8 forwards; 4 steps were taken
+        assert torch.load(tmp_path / arm / "initial_weights.pth", weights_only=False)["model"][
+            f"{stem}.pretrained_offset.fade_iters"] == 800
+        assert trained[f"{stem}.pretrained_offset.iteration"] == 4 * 8
+        assert torch.equal(trained[f"{stem}.pretrained_offset.filter_mean"],
+                           loaded[f"{stem}.weight"].mean(dim=(1, 2, 3), keepdim=True))
 
 
 def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
