@@ -355,20 +355,33 @@ def result_path(results_dir: str, condition: str, arm: str, seed: int) -> str:
 
 
 def run_study(runs: Sequence[StudyRun], results_dir: str, jobs: int,
-              on_result: Callable[[Dict, str], None] | None = None) -> List[Dict]:
+              on_result: Callable[[Dict, str], None] | None = None,
+              needed: Sequence[StudyRun] = ()) -> List[Dict]:
     """Train every run of `runs` whose record is not in `results_dir` yet, `jobs` at a time, each in
     a fresh process; as each finishes, write its record and call `on_result(record, its path)`.
-    Returns the new records."""
+
+    A run of `needed` (whose model another run starts from) trains even if it has a record; its
+    record is then left as it is, with a warning if the new one measured something else.
+
+    Returns the new records.
+    """
     todo = []
     for run in runs:
         path = result_path(results_dir, run.condition, run.arm, run.seed)
-        if os.path.exists(path):
+        if os.path.exists(path) and run not in needed:
             logger.info("%s: finished earlier (%s), skipped", run.name, path)
         else:
             todo.append(run)
     records = []
     for _, record in run_as_completed(train_run, todo, jobs, desc="study runs"):
         path = result_path(results_dir, record["condition"], record["arm"], record["seed"])
+        if os.path.exists(path):
+            with open(path) as f:
+                differences = differing_results(json.load(f), record)
+            if differences:
+                logger.warning("%s was trained again and measured another %s than its record",
+                               path, ", ".join(differences))
+            continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(record, f, indent=1)

@@ -21,8 +21,8 @@ import os
 import shlex
 
 from mabn_experiments.conditions import CONDITIONS, TINY_OPTS, prepare_dataset
-from mabn_experiments.runs import commit_files, run_in_processes, threads_per_job
-from mabn_experiments.study import ARMS, StudyRun, extract_backbone, run_study, train_run
+from mabn_experiments.runs import commit_files, threads_per_job
+from mabn_experiments.study import ARMS, StudyRun, extract_backbone, run_study
 from mabn_experiments.study_report import REPORT_NAME, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,16 +98,6 @@ class Planner:
         return [(self.run(name, "BN@16", 0), self.backbone_path(name)) for name in sorted(sources)]
 
 
-def prepare_backbones(sources: list, results: str, on_result) -> None:
-    """Train each source run of `sources` ((run, backbone path) pairs) unless its final model is
-    there, recording it if it has no record yet; then write the backbone its dependants load."""
-    for source, backbone in sources:
-        final = os.path.join(source.output_dir, "model_final.pth")
-        if not os.path.exists(final) and not run_study([source], results, 1, on_result=on_result):
-            run_in_processes(train_run, [source], 1, desc="pretraining")  # recorded earlier
-        extract_backbone(final, backbone)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out or ("output/compare_norms_tiny" if args.tiny
@@ -132,8 +122,16 @@ def main(argv=None) -> None:
 
     planner = Planner(args, out, args.threads or threads_per_job(args.jobs))
     runs = planner.requested()
-    prepare_backbones(planner.pretraining(runs), results, on_result)
-    run_study(runs, results, args.jobs, on_result=on_result)
+    # The runs before the first that starts from a pretrained backbone train beside the runs
+    # that make those backbones; the rest follow once the backbones are written.
+    sources = planner.pretraining(runs)
+    missing = [source for source, _ in sources
+               if not os.path.exists(os.path.join(source.output_dir, "model_final.pth"))]
+    split = next((i for i, run in enumerate(runs) if run.pretrained_backbone), len(runs))
+    run_study([*missing, *runs[:split]], results, args.jobs, on_result=on_result, needed=missing)
+    for source, backbone in sources:
+        extract_backbone(os.path.join(source.output_dir, "model_final.pth"), backbone)
+    run_study(runs[split:], results, args.jobs, on_result=on_result)
     print(open(os.path.join(results, REPORT_NAME)).read())
 
 
