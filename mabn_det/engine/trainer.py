@@ -132,7 +132,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_dataset_evaluator(dataset_name, output_folder, mask_on=cfg.MODEL.MASK_ON)
+        return build_dataset_evaluator(dataset_name, output_folder)
 
     @classmethod
     def build_precise_bn_loader(cls, cfg: CfgNode):
