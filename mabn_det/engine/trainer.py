@@ -1,7 +1,6 @@
 """The Trainer behind tools/train_net.py (and the demo and norm study beside the package)."""
 import contextlib
 import os
-import time
 from typing import List
 
 from detectron2.config import CfgNode
@@ -19,7 +18,8 @@ from .hooks import MABNDiagnostics, precise_mabn_statistics
 from .sampler import build_resumable_train_loader, shared_data_seed
 from .state import ProcessStates, preserved_rng
 
-__all__ = ["GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap", "with_mabn_hooks"]
+__all__ = ["AccumulatedLosses", "GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap",
+           "with_mabn_hooks"]
 
 _OURS = object()
 
@@ -29,31 +29,75 @@ class GradientAccumulationTrainer(SimpleTrainer):
 
     This is how one process reproduces k GPUs that normalise their own small batches without
     synchronisation: each micro-batch is normalised on its own, the update uses all of them.
-    Losses are averaged over the micro-batches; DDP all-reduces only on the last one.
+    Losses and gradients are the means over the micro-batches; DDP all-reduces only on the last.
+
+    The step is SimpleTrainer's own (`run_step`: zeroing, metrics, after_backward hooks,
+    ``async_write_metrics``), as its comments suggest: the data loader is wrapped to yield the
+    k micro-batches of a step together, and the model to take them (`AccumulatedLosses`), with
+    the gradients zeroed before the forward. So ``trainer.model`` is that wrapper; `unwrap`
+    removes it.
+
+    Args:
+        model, data_loader, optimizer: as SimpleTrainer's; `data_loader` yields micro-batches.
+        accumulation_steps: micro-batches per optimizer step.
+        **kwargs: SimpleTrainer's other arguments, but zero_grad_before_forward.
     """
 
-    def __init__(self, model, data_loader, optimizer, accumulation_steps: int):
-        super().__init__(model, data_loader, optimizer)
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int, **kwargs):
         self.accumulation_steps = accumulation_steps
+        super().__init__(AccumulatedLosses(model, accumulation_steps),
+                         _MicroBatchesOfSteps(data_loader, accumulation_steps), optimizer,
+                         zero_grad_before_forward=True, **kwargs)
 
-    def run_step(self):
-        assert self.model.training, "[GradientAccumulationTrainer] model was changed to eval mode!"
-        self.optimizer.zero_grad()
-        steps = self.accumulation_steps
-        data_time, mean_losses = 0.0, {}
-        for micro_step in range(steps):
-            start = time.perf_counter()
-            data = next(self._data_loader_iter)
-            data_time += time.perf_counter() - start
-            defer_sync = micro_step < steps - 1 and isinstance(self.model, DistributedDataParallel)
-            with self.model.no_sync() if defer_sync else contextlib.nullcontext():
-                loss_dict = self.model(data)
-                (sum(loss_dict.values()) / steps).backward()
-            for name, value in loss_dict.items():
-                mean_losses[name] = mean_losses.get(name, 0.0) + value.detach() / steps
-        self.after_backward()
-        self._write_metrics(mean_losses, data_time)
-        self.optimizer.step()
+    def reset_data_loader(self, data_loader_builder):
+        """SimpleTrainer's, with the micro-batches of the new loader grouped by step."""
+        super().reset_data_loader(
+            lambda: _MicroBatchesOfSteps(data_loader_builder(), self.accumulation_steps))
+
+
+class AccumulatedLosses(nn.Module):
+    """In training, `model` on the k micro-batches of one step: each but the last is
+    back-propagated here (under DDP's ``no_sync``); the last one's losses are returned for the
+    trainer to back-propagate, each plus the others' values as constants. Every returned loss is
+    thus the mean over the micro-batches, and so is the gradient once the trainer's backward has
+    run (each micro-batch's losses are divided by k). In eval mode it is `model`.
+
+    Args:
+        model: a model (or DDP) returning a dict of losses in training.
+        steps: micro-batches per step.
+    """
+
+    def __init__(self, model: nn.Module, steps: int):
+        super().__init__()
+        self.module = model
+        self.steps = steps
+
+    def forward(self, micro_batches):
+        if not self.training:
+            return self.module(micro_batches)
+        *early, last = micro_batches
+        carried = {}
+        for batch in early:
+            defer_sync = isinstance(self.module, DistributedDataParallel)
+            with self.module.no_sync() if defer_sync else contextlib.nullcontext():
+                losses = self.module(batch)
+                (sum(losses.values()) / self.steps).backward()
+            for name, value in losses.items():
+                carried[name] = carried.get(name, 0.0) + value.detach() / self.steps
+        losses = {name: value / self.steps for name, value in self.module(last).items()}
+        return {name: losses.get(name, 0.0) + carried.get(name, 0.0)
+                for name in dict.fromkeys([*losses, *carried])}
+
+
+class _MicroBatchesOfSteps:
+    """The batches of `loader` in tuples of `steps` consecutive ones."""
+
+    def __init__(self, loader, steps: int):
+        self._loader = loader
+        self._steps = steps
+
+    def __iter__(self):
+        return zip(*[iter(self._loader)] * self._steps)
 
 
 class Trainer(DefaultTrainer):
@@ -99,8 +143,10 @@ class Trainer(DefaultTrainer):
         steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         if steps > 1:
             inner = self._trainer
-            self._trainer = GradientAccumulationTrainer(inner.model, inner.data_loader,
-                                                        inner.optimizer, steps)
+            self._trainer = GradientAccumulationTrainer(
+                inner.model, inner.data_loader, inner.optimizer, steps,
+                gather_metric_period=inner.gather_metric_period,
+                async_write_metrics=inner.async_write_metrics)
 
     @classmethod
     def build_model(cls, cfg):
@@ -208,8 +254,10 @@ def has_mabn(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper, or `model`."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The model inside DistributedDataParallel and `AccumulatedLosses` wrappers, or `model`."""
+    while isinstance(model, (DistributedDataParallel, AccumulatedLosses)):
+        model = model.module
+    return model
 
 
 def _with_seed(cfg: CfgNode, seed: int) -> CfgNode:
