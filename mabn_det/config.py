@@ -12,9 +12,14 @@ from .layers import MABN2d, MABNSettings
 __all__ = ["add_mabn_config", "check_grad_accumulation", "check_mabn_config", "get_key",
            "load_config", "mabn_settings", "set_key", "stock_inference_config", "with_mabn_norms",
            "MABN_NORM", "MABN_NORM_ALSO_READ_BY", "MABN_NORM_SITES", "META_ARCHS_READING",
-           "STOCK_NAMES"]
+           "RESUMABLE_SAMPLER", "STOCK_NAMES"]
 
 MABN_NORM = "MABN"
+
+# The DATALOADER.SAMPLER_TRAIN of mabn_det's resumable training stream
+# (mabn_det.engine.build_resumable_train_loader), which this repository's configs set; the names
+# Detectron2 knows ("TrainingSampler", ...) keep their meaning.
+RESUMABLE_SAMPLER = "ResumableTrainingSampler"
 
 # Where NORM: "MABN" may appear, and the registered names that can build it there.
 MABN_NORM_SITES = {
@@ -220,8 +225,8 @@ def stock_inference_config(cfg: CN) -> CN:
     """The config of the same architecture for stock Detectron2, without mabn_det.
 
     Every NORM "MABN" becomes "FrozenBN" ("BN" for MODEL.RETINANET.NORM, evaluated in eval mode)
-    and every mabn_det name its stock counterpart; the keys that `add_mabn_config` added are
-    removed. Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model
+    and every mabn_det name its stock counterpart (`RESUMABLE_SAMPLER` "TrainingSampler"); the
+    keys that `add_mabn_config` added are removed. Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model
     it builds.
     """
     stock = cfg.clone()
@@ -234,6 +239,8 @@ def stock_inference_config(cfg: CN) -> CN:
     for name_key in name_keys:
         name = get_key(stock, name_key)
         set_key(stock, name_key, STOCK_NAMES.get(name, name))
+    if stock.DATALOADER.SAMPLER_TRAIN == RESUMABLE_SAMPLER:
+        stock.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     del stock.MODEL["MABN"]
     del stock.SOLVER["GRAD_ACCUMULATION_STEPS"]
     del stock.SOLVER["CHECKPOINT_MAX_TO_KEEP"]

@@ -29,11 +29,13 @@ import functools
 from collections import abc
 from typing import Callable
 
+from detectron2.data import build_detection_train_loader
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.registry import locate
 from torch import nn
 
+from .engine.sampler import build_resumable_train_loader
 from .layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
 from .solver import mabn_optimizer_params
 
@@ -163,8 +165,10 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
 
     In ``cfg.model``, every `mabn_norm` node (written in place or as "${mabn}") becomes
     "FrozenBN", and a node made by `as_mabn_model` gets its meta-architecture back as
-    ``_target_``; the top-level ``mabn`` node is removed, and an ``optimizer.params`` node of
-    `mabn_det.solver.mabn_optimizer_params` becomes Detectron2's `get_default_optimizer_params`.
+    ``_target_``; the top-level ``mabn`` node is removed, an ``optimizer.params`` node of
+    `mabn_det.solver.mabn_optimizer_params` becomes Detectron2's `get_default_optimizer_params`,
+    and a ``dataloader.train`` of `mabn_det.engine.build_resumable_train_loader` Detectron2's
+    `build_detection_train_loader` (the same arguments).
     Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model it builds.
     """
     stock = copy.deepcopy(cfg)
@@ -176,6 +180,9 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
     params = stock.get("optimizer", {}).get("params", {})
     if target_callable(params.get("_target_")) is mabn_optimizer_params:
         params._target_ = get_default_optimizer_params  # the same groups without MABN layers
+    train_loader = stock.get("dataloader", {}).get("train", {})
+    if target_callable(train_loader.get("_target_")) is build_resumable_train_loader:
+        train_loader._target_ = build_detection_train_loader
     return stock
 
 

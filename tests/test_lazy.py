@@ -11,13 +11,15 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.datasets import register_coco_instances
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
-from mabn_det.engine.lazy_training import build_lazy_model, build_lazy_optimizer
+from mabn_det.engine import ResumableBatches
+from mabn_det.engine.lazy_training import (build_lazy_model, build_lazy_optimizer,
+                                           build_lazy_train_loader)
 from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
 from mabn_det.lazy import mabn_norm, prepare_mabn_model, target_callable
 from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
@@ -183,6 +185,20 @@ def test_mabn_parameters_decay_as_norms_with_our_trainer_and_with_detectron2s(pa
         conv = next(m for m in model.modules() if isinstance(m, CentredConv2d))
         assert decay[id(mabn.weight)] == decay[id(mabn.bias)] == 0.0
         assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
+
+
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_recipes_train_on_the_resumable_stream_and_detectron2s_loader_stays_its_own(
+        path, tiny_coco):
+    if "tiny_lazy_loader" not in DatasetCatalog.list():
+        register_coco_instances("tiny_lazy_loader", {}, *tiny_coco)
+    cfg = tiny_lazy_config(path)
+    cfg.dataloader.train.dataset.names = "tiny_lazy_loader"
+    cfg.dataloader.train.num_workers = 0
+    assert isinstance(build_lazy_train_loader(cfg, seed=1).batch_sampler, ResumableBatches)
+    cfg.dataloader.train._target_ = build_detection_train_loader
+    stock = build_lazy_train_loader(cfg, seed=1)
+    assert not isinstance(getattr(stock, "batch_sampler", None), ResumableBatches)
 
 
 # The LSJ recipe's own training augmentation (large-scale jitter, then a fixed-size crop, then a

@@ -8,6 +8,7 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from mabn_det.engine import build_resumable_train_loader
 from mabn_det.lazy import as_mabn_model, mabn_norm
 from mabn_det.solver import mabn_optimizer_params
 
@@ -29,6 +30,8 @@ model.roi_heads.box_head.conv_norm = "${mabn}"
 model.roi_heads.mask_head.conv_norm = "${mabn}"
 # MABN's γ and β take weight_decay_norm, as Detectron2's norms do, in any training script.
 optimizer.params._target_ = mabn_optimizer_params
+# The resumable data stream (Detectron2's loader arguments): a resume continues it exactly.
+dataloader.train._target_ = build_resumable_train_loader
 
 # mabn_det's LazyTrainer keys (tools/lazyconfig_train_net.py). Accumulation stays 1: the recipe
 # trains with AMP, which MABN supports (statistics in float32) but accumulation does not.

@@ -7,6 +7,7 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from mabn_det.engine import build_resumable_train_loader
 from mabn_det.lazy import as_mabn_model, mabn_norm
 from mabn_det.solver import mabn_optimizer_params
 
@@ -43,6 +44,8 @@ model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
 model.roi_heads.box_head.fc_dims = [1024]
 
 dataloader.train.total_batch_size = 16
+# The resumable data stream (Detectron2's loader arguments): a resume continues it exactly.
+dataloader.train._target_ = build_resumable_train_loader
 optimizer.lr = 0.02
 train.max_iter = 180000
 train.eval_period = 0  # evaluate once, at the end

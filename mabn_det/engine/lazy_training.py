@@ -19,7 +19,6 @@ import copy
 import logging
 
 from detectron2.config import instantiate
-from detectron2.data import build_detection_train_loader
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
@@ -31,10 +30,6 @@ from .hooks import precise_mabn_statistics
 from .sampler import build_resumable_train_loader
 from .state import preserved_rng
 from .trainer import has_mabn, unwrap
-
-# The build_detection_train_loader arguments that build_resumable_train_loader takes too.
-_RESUMABLE_ARGUMENTS = {"dataset", "mapper", "sampler", "total_batch_size",
-                        "aspect_ratio_grouping", "num_workers", "collate_fn"}
 
 __all__ = ["accumulation_steps", "build_lazy_model", "build_lazy_optimizer",
            "build_lazy_train_loader", "evaluate_lazy"]
@@ -75,11 +70,13 @@ def build_lazy_optimizer(cfg, model):
 
 
 def build_lazy_train_loader(cfg, seed: int, start_iter: int = 0, *, num_workers=None):
-    """Micro-batches of total_batch_size / grad_accumulation_steps images (all processes
-    together) from iteration `start_iter` of the data stream of `seed`
-    (`build_resumable_train_loader`), when ``dataloader.train`` is a
-    `build_detection_train_loader` with no sampler of its own and no other arguments; otherwise
-    ``dataloader.train`` as it is written (a resume then restarts its stream).
+    """``dataloader.train`` in micro-batches of total_batch_size / grad_accumulation_steps images
+    (all processes together).
+
+    When its ``_target_`` is `build_resumable_train_loader` (as in this repository's recipes), the
+    batches are the data stream of `seed` from iteration `start_iter` on; any other loader
+    (Detectron2's `build_detection_train_loader`, say) is built as written, and a resume
+    restarts its stream.
 
     Args:
         num_workers: overrides ``dataloader.train.num_workers`` when given.
@@ -90,11 +87,10 @@ def build_lazy_train_loader(cfg, seed: int, start_iter: int = 0, *, num_workers=
     kwargs["total_batch_size"] //= steps
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    if (target_callable(node._target_) is not build_detection_train_loader
-            or kwargs.get("sampler") is not None or not set(kwargs) <= _RESUMABLE_ARGUMENTS):
-        return target_callable(node._target_)(**kwargs)
-    kwargs.pop("sampler", None)
-    return build_resumable_train_loader(**kwargs, seed=seed, start_batch=start_iter * steps)
+    build = target_callable(node._target_)
+    if build is build_resumable_train_loader:
+        kwargs.update(seed=seed, start_batch=start_iter * steps)
+    return build(**kwargs)
 
 
 def evaluate_lazy(cfg, model, seed: int):

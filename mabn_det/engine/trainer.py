@@ -10,7 +10,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import check_mabn_config
+from ..config import RESUMABLE_SAMPLER, check_mabn_config
 from ..layers import MABN2d
 from ..solver import build_mabn_optimizer
 from .evaluation import build_dataset_evaluator
@@ -20,9 +20,6 @@ from .state import ProcessStates, preserved_rng
 
 __all__ = ["AccumulatedLosses", "GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap",
            "with_mabn_hooks"]
-
-_OURS = object()
-
 
 class GradientAccumulationTrainer(SimpleTrainer):
     """One optimizer step over the summed gradients of several micro-batches.
@@ -116,13 +113,13 @@ class Trainer(DefaultTrainer):
       serve that evaluation only: checkpoints hold the training state, and training continues
       bit-identically to a run without PreciseBN;
     - resumes where it stopped: with SEED < 0 one data-order seed is drawn for all processes at
-      the start and kept in the checkpoint; the data stream (`build_resumable_train_loader`, for
-      `DATALOADER.SAMPLER_TRAIN` "TrainingSampler") restarts at the next batch with the same
-      augmentations, whatever `DATALOADER.NUM_WORKERS`; and every process gets back its own
-      buffers and random-generator states, provided it resumes with as many processes. The
-      resumed run then computes what the uninterrupted one would have; its results are
+      the start and kept in the checkpoint; with `DATALOADER.SAMPLER_TRAIN`
+      "ResumableTrainingSampler" (`build_train_loader`) the data stream restarts at the next batch
+      with the same augmentations, whatever `DATALOADER.NUM_WORKERS`; and every process gets back
+      its own buffers and random-generator states, provided it resumes with as many processes.
+      The resumed run then computes what the uninterrupted one would have; its results are
       bit-identical where the kernels are deterministic (CPU; on GPU, cuDNN and Detectron2's
-      ROIAlign backward are not).
+      ROIAlign backward are not). Detectron2's samplers restart their own streams.
 
     Detectron2's DefaultTrainer wraps the model in DDP with ``device_ids``, which DDP refuses for a
     CPU model: with several processes the model must be on GPUs (tools/lazyconfig_train_net.py,
@@ -159,17 +156,21 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
-        """Micro-batches of IMS_PER_BATCH / GRAD_ACCUMULATION_STEPS images (all GPUs together),
-        starting at iteration `start_iter` of the data stream, whose order `cfg.SEED` decides
-        (a negative SEED draws one)."""
+        """Micro-batches of IMS_PER_BATCH / GRAD_ACCUMULATION_STEPS images (all GPUs together).
+
+        With `DATALOADER.SAMPLER_TRAIN` "ResumableTrainingSampler" they come from the resumable
+        stream (`build_resumable_train_loader`) whose order `cfg.SEED` decides (a negative SEED
+        draws one), from iteration `start_iter` on; any other name is Detectron2's sampler, whose
+        stream a resume restarts (`start_iter` is ignored).
+        """
         micro_cfg = cfg.clone()
         micro_cfg.defrost()
         micro_cfg.SOLVER.IMS_PER_BATCH //= cfg.SOLVER.GRAD_ACCUMULATION_STEPS
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        if cfg.DATALOADER.SAMPLER_TRAIN != RESUMABLE_SAMPLER:
             return build_detection_train_loader(micro_cfg)
-        # A placeholder for our stream: building Detectron2's TrainingSampler draws from numpy's
-        # generator.
-        kwargs = build_detection_train_loader.from_config(micro_cfg, sampler=_OURS)
+        # Detectron2's arguments for everything but the sampler, which it cannot build by our
+        # name: the name stands in for it.
+        kwargs = build_detection_train_loader.from_config(micro_cfg, sampler=RESUMABLE_SAMPLER)
         del kwargs["sampler"]
         return build_resumable_train_loader(
             **kwargs, seed=shared_data_seed(cfg.SEED),
