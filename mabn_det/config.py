@@ -226,8 +226,8 @@ def stock_inference_config(cfg: CN) -> CN:
 
     Every NORM "MABN" becomes "FrozenBN" ("BN" for MODEL.RETINANET.NORM, evaluated in eval mode)
     and every mabn_det name its stock counterpart (`RESUMABLE_SAMPLER` "TrainingSampler"); the
-    keys that `add_mabn_config` added are removed. Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model
-    it builds.
+    keys that `add_mabn_config` added are removed. Weights converted by
+    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
     """
     stock = cfg.clone()
     stock.defrost()
