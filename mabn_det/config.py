@@ -69,7 +69,8 @@ _STOCK_INFERENCE_NORMS = {"MODEL.RETINANET.NORM": "BN"}
 
 
 def add_mabn_config(cfg: CN) -> None:
-    """Add `cfg.MODEL.MABN` (the paper's detection settings) and `cfg.SOLVER.GRAD_ACCUMULATION_STEPS`."""
+    """Add `cfg.MODEL.MABN` (the paper's detection settings) and mabn_det's `cfg.SOLVER` keys
+    (gradient accumulation, checkpoints kept, preemption signals)."""
     cfg.MODEL.MABN = CN()
     # The layer's settings: one key per field of mabn_det.layers.MABNSettings (BUFFER_SIZE is
     # buffer_size, ...) with its default; its docstring says what each means and allows.
@@ -83,8 +84,14 @@ def add_mabn_config(cfg: CN) -> None:
     # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
     # each forward sees IMS_PER_BATCH / (GPUs · GRAD_ACCUMULATION_STEPS) images per GPU.
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
-    # Periodic checkpoints kept on disk (the latest ones; model_final.pth is extra); 0 keeps all.
+    # Periodic checkpoints kept in OUTPUT_DIR, those of the runs it resumed included (the latest
+    # ones; model_final.pth is extra); 0 keeps all.
     cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
+    # Signals at which training stops after the current step with a checkpoint to resume from,
+    # asks SLURM to requeue the job and exits with status 75 (SLURM's --signal sends SIGUSR1); ()
+    # turns this off. Add "SIGTERM" where a scheduler preempts with it; scancel, which sends it
+    # too, then requeues the job instead of ending it.
+    cfg.SOLVER.PREEMPTION_SIGNALS = ("SIGUSR1",)
 
 
 def load_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CN:
@@ -244,4 +251,5 @@ def stock_inference_config(cfg: CN) -> CN:
     del stock.MODEL["MABN"]
     del stock.SOLVER["GRAD_ACCUMULATION_STEPS"]
     del stock.SOLVER["CHECKPOINT_MAX_TO_KEEP"]
+    del stock.SOLVER["PREEMPTION_SIGNALS"]
     return stock

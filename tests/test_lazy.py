@@ -17,12 +17,13 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
+from mabn_det.config import load_config
 from mabn_det.engine import ResumableBatches
 from mabn_det.engine.lazy_training import (build_lazy_model, build_lazy_optimizer,
                                            build_lazy_train_loader)
 from mabn_det.layers import CentredConv2d, MABN2d, PerLevelMABN2d
 from mabn_det.lazy import mabn_norm, prepare_mabn_model, target_callable
-from tests.common import LAZY_RECIPES, load_tool, tiny_lazy_config
+from tests.common import LAZY_RECIPES, REPO, load_tool, tiny_lazy_config
 
 lazyconfig_train_net = load_tool("lazyconfig_train_net")
 
@@ -185,6 +186,15 @@ def test_mabn_parameters_decay_as_norms_with_our_trainer_and_with_detectron2s(pa
         conv = next(m for m in model.modules() if isinstance(m, CentredConv2d))
         assert decay[id(mabn.weight)] == decay[id(mabn.bias)] == 0.0
         assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
+
+
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_recipes_keep_as_many_checkpoints_as_the_yaml_recipes(path):
+    yaml = load_config(os.path.join(REPO, "configs", "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"))
+    checkpointer = LazyConfig.load(path).train.checkpointer
+    assert checkpointer.max_to_keep == yaml.SOLVER.CHECKPOINT_MAX_TO_KEEP == 3
+    if "2x" in path:  # the YAML recipe's twin
+        assert checkpointer.period == yaml.SOLVER.CHECKPOINT_PERIOD
 
 
 @pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)

@@ -38,3 +38,7 @@ dataloader.train._target_ = build_resumable_train_loader
 train.grad_accumulation_steps = 1
 train.mabn_log_period = 20
 train.precise_bn = dict(enabled=False, num_iter=200)
+# As the YAML recipes: the last 3 periodic checkpoints stay (and model_final.pth), those of
+# requeued runs included; Detectron2's common/train.py keeps 100.
+train.checkpointer.max_to_keep = 3
+train.preemption_signals = ["SIGUSR1"]  # SLURM's --signal: checkpoint, requeue, exit 75

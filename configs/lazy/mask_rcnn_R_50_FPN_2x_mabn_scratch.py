@@ -53,3 +53,7 @@ train.eval_period = 0  # evaluate once, at the end
 train.grad_accumulation_steps = 1
 train.mabn_log_period = 20
 train.precise_bn = dict(enabled=False, num_iter=200)
+# As the YAML recipes: the last 3 periodic checkpoints stay (and model_final.pth), those of
+# requeued runs included; Detectron2's common/train.py keeps 100.
+train.checkpointer = dict(period=10000, max_to_keep=3)  # as mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml
+train.preemption_signals = ["SIGUSR1"]  # SLURM's --signal: checkpoint, requeue, exit 75

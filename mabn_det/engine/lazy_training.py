@@ -11,12 +11,18 @@ as is):
 - ``mabn_log_period`` (20): iterations between MABN diagnostics; 0 turns them off.
 - ``precise_bn`` (off): ``dict(enabled=True, num_iter=200)`` evaluates with MABN's running_var
   re-estimated over that many training batches (`precise_mabn_statistics`; training unchanged).
-- ``checkpointer.max_to_keep`` (Detectron2's PeriodicCheckpointer argument): periodic checkpoints
-  kept on disk.
+- ``checkpointer.max_to_keep`` (Detectron2's PeriodicCheckpointer argument; its
+  ``common/train.py`` sets 100, this repository's recipes 3): periodic checkpoints kept in the
+  output directory, those of the runs it resumed included (`RotatingCheckpointer`).
+- ``preemption_signals`` (["SIGUSR1"]): signals at which training stops after the current step
+  with a checkpoint to resume from, asks SLURM to requeue the job and exits with status 75
+  (`PreemptionCheckpointer`); [] turns this off.
 """
 import contextlib
 import copy
 import logging
+import signal
+from typing import List
 
 from detectron2.config import instantiate
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -26,13 +32,14 @@ from detectron2.utils import comm
 from ..config import check_grad_accumulation
 from ..lazy import prepare_mabn_model, target_callable
 from ..solver import mabn_optimizer_params
+from .checkpointing import parse_signals
 from .hooks import precise_mabn_statistics
 from .sampler import build_resumable_train_loader
 from .state import preserved_rng
 from .trainer import has_mabn, unwrap
 
 __all__ = ["accumulation_steps", "build_lazy_model", "build_lazy_optimizer",
-           "build_lazy_train_loader", "evaluate_lazy"]
+           "build_lazy_train_loader", "evaluate_lazy", "preemption_signals"]
 
 
 def accumulation_steps(cfg) -> int:
@@ -48,6 +55,16 @@ def accumulation_steps(cfg) -> int:
                          cfg.dataloader.train.total_batch_size),
         amp=("train.amp.enabled", cfg.train.amp.enabled))
     return steps
+
+
+def preemption_signals(cfg) -> List[signal.Signals]:
+    """The signals of ``train.preemption_signals`` (["SIGUSR1"] when absent).
+
+    Raises:
+        ValueError: naming the key and the name that is not a catchable signal.
+    """
+    return parse_signals(cfg.train.get("preemption_signals", ["SIGUSR1"]),
+                         "train.preemption_signals")
 
 
 def build_lazy_model(cfg):

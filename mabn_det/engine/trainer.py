@@ -1,8 +1,10 @@
 """The Trainer behind tools/train_net.py (and the demo and norm study beside the package)."""
 import contextlib
 import os
-from typing import List
+import signal
+from typing import List, Sequence
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
@@ -13,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import RESUMABLE_SAMPLER, check_mabn_config
 from ..layers import MABN2d
 from ..solver import build_mabn_optimizer
+from .checkpointing import PreemptionCheckpointer, RotatingCheckpointer, parse_signals
 from .evaluation import build_dataset_evaluator
 from .hooks import MABNDiagnostics, precise_mabn_statistics
 from .sampler import build_resumable_train_loader, shared_data_seed
@@ -104,7 +107,8 @@ class Trainer(DefaultTrainer):
     parameters the norm weight decay; accumulates gradients over `SOLVER.GRAD_ACCUMULATION_STEPS`
     micro-batches; logs MABN diagnostics every `MODEL.MABN.LOG_PERIOD` iterations; evaluates with
     the evaluators of the dataset's ``evaluator_type`` (see `build_evaluator`); keeps the last
-    `SOLVER.CHECKPOINT_MAX_TO_KEEP` periodic checkpoints; and, in every process:
+    `SOLVER.CHECKPOINT_MAX_TO_KEEP` periodic checkpoints in the output directory, those of the runs
+    it resumed included (`RotatingCheckpointer`); and, in every process:
 
     - before every checkpoint and evaluation, averages MABN's running_var over the processes
       (`ProcessStates`: each process keeps training from that mean; its rings and counters stay
@@ -121,22 +125,29 @@ class Trainer(DefaultTrainer):
       bit-identical where the kernels are deterministic (CPU; on GPU, cuDNN and Detectron2's
       ROIAlign backward are not). Detectron2's samplers restart their own streams.
 
-    Detectron2's DefaultTrainer wraps the model in DDP with ``device_ids``, which DDP refuses for a
-    CPU model: with several processes the model must be on GPUs (tools/lazyconfig_train_net.py,
+    - on one of `SOLVER.PREEMPTION_SIGNALS` (SLURM's ``--signal``), stops after the current step
+      with a checkpoint from which ``--resume`` continues exactly, asks SLURM to requeue the job
+      and exits with status 75 (`PreemptionCheckpointer`).
+
+    With several processes the model must be on GPUs: Detectron2's DefaultTrainer wraps it in
+    DDP with ``device_ids``, which DDP refuses for a CPU model (tools/lazyconfig_train_net.py,
     whose ``train.ddp`` is configurable, trains CPU models in several processes).
     """
 
     def __init__(self, cfg):
-        if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+        check_mabn_config(cfg)
+        # The data order's seed, decided before DefaultTrainer builds the loader.
+        cfg = _with_seed(cfg, shared_data_seed(cfg.SEED))
+        try:
+            super().__init__(cfg)
+        except ValueError as e:
+            if cfg.MODEL.DEVICE != "cpu" or "device_ids" not in str(e):
+                raise
             raise ValueError(
                 f"Trainer cannot train MODEL.DEVICE 'cpu' in {comm.get_world_size()} processes: "
                 "Detectron2's DefaultTrainer gives DistributedDataParallel device_ids, which it "
                 "refuses for CPU models; use GPUs, one process, or tools/lazyconfig_train_net.py "
-                "with train.ddp.device_ids=None")
-        check_mabn_config(cfg)
-        # The data order's seed, decided before DefaultTrainer builds the loader.
-        cfg = _with_seed(cfg, shared_data_seed(cfg.SEED))
-        super().__init__(cfg)
+                "with train.ddp.device_ids=None") from e
         steps = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
         if steps > 1:
             inner = self._trainer
@@ -202,20 +213,32 @@ class Trainer(DefaultTrainer):
                     unwrap(model), cls.build_precise_bn_loader(cfg), precise.NUM_ITER))
             return super().test(cfg, model, evaluators)
 
+    @classmethod
+    def preemption_signals(cls, cfg: CfgNode) -> List[signal.Signals]:
+        """The signals of `cfg.SOLVER.PREEMPTION_SIGNALS`.
+
+        Raises:
+            ValueError: naming the key and the name that is not a catchable signal.
+        """
+        return parse_signals(cfg.SOLVER.PREEMPTION_SIGNALS, "cfg.SOLVER.PREEMPTION_SIGNALS")
+
     def build_hooks(self):
         """DefaultTrainer's hooks, without its PreciseBN (ours runs inside `test`), with
-        `ProcessStates` before the checkpointer, the checkpointer keeping the last
-        SOLVER.CHECKPOINT_MAX_TO_KEEP, and MABN diagnostics before the writer."""
+        `ProcessStates` and the `PreemptionCheckpointer` of SOLVER.PREEMPTION_SIGNALS before the
+        checkpointer, which keeps the last SOLVER.CHECKPOINT_MAX_TO_KEEP (`RotatingCheckpointer`),
+        and MABN diagnostics before the writer."""
         cfg = self.cfg
         ret = [h for h in super().build_hooks() if not isinstance(h, hooks.PreciseBN)]
         keep = cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
-        ret = [hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                          max_to_keep=keep or None)
+        ret = [RotatingCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                    max_to_keep=keep or None)
                if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
         self.process_states = ProcessStates(
             unwrap(self.model), (cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD), cfg.SEED)
         return with_mabn_hooks(ret, self.process_states, unwrap(self.model),
-                               cfg.MODEL.MABN.LOG_PERIOD, amp=cfg.SOLVER.AMP.ENABLED)
+                               cfg.MODEL.MABN.LOG_PERIOD, amp=cfg.SOLVER.AMP.ENABLED,
+                               checkpointer=self.checkpointer,
+                               preemption_signals=self.preemption_signals(cfg))
 
     def train(self):
         """Train; returns the last evaluation results (as DefaultTrainer documents), or None."""
@@ -235,13 +258,19 @@ class Trainer(DefaultTrainer):
 
 
 def with_mabn_hooks(ret: List[hooks.HookBase], process_states: ProcessStates, model: nn.Module,
-                    log_period: int, *, amp: bool) -> List[hooks.HookBase]:
-    """`ret` (Detectron2's hooks) with `process_states` right after the LR scheduler (before the
-    checkpointer and evaluation) and, for a model with MABN2d and `log_period` > 0, the MABN
-    diagnostics before the PeriodicWriter (each report is then written in the same iteration)."""
+                    log_period: int, *, amp: bool, checkpointer: DetectionCheckpointer,
+                    preemption_signals: Sequence[signal.Signals] = ()) -> List[hooks.HookBase]:
+    """`ret` (Detectron2's hooks) with, right after the LR scheduler (before the checkpointer and
+    evaluation), `process_states` and, when there are `preemption_signals`, the
+    `PreemptionCheckpointer` saving with `checkpointer`; and, for a model with MABN2d and
+    `log_period` > 0, the MABN diagnostics before the PeriodicWriter (each report is then written
+    in the same iteration)."""
     ret = list(ret)
     scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
     ret.insert(scheduler_at + 1, process_states)
+    if preemption_signals:
+        ret.insert(scheduler_at + 2,
+                   PreemptionCheckpointer(checkpointer, process_states, preemption_signals))
     if log_period and has_mabn(model):
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
                          len(ret))

@@ -1,0 +1,45 @@
+"""Which periodic checkpoints stay in the output directory, whoever wrote them; the preemption
+signals a config may name."""
+import os
+import signal
+
+import pytest
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from mabn_det.engine import RotatingCheckpointer
+from mabn_det.engine.checkpointing import parse_signals
+
+
+def test_the_newest_periodic_checkpoints_stay_whoever_wrote_them(tmp_path):
+    """A requeued run finds its predecessors' periodic and preemption checkpoints (any iteration
+    up to the one it resumed from), and a checkpoint of a later iteration left by a run that went
+    further."""
+    found = ["model_0000004.pth", "model_0000009.pth", "model_0000012.pth", "model_0000099.pth",
+             "model_final.pth", "notes.pth"]
+    for name in found:
+        (tmp_path / name).write_bytes(b"")
+    hook = RotatingCheckpointer(DetectionCheckpointer(nn.Linear(1, 1), str(tmp_path)), period=5,
+                                max_to_keep=2)
+    hook.step(13)  # not a multiple of the period: nothing saved, nothing deleted
+    assert sorted(os.listdir(tmp_path)) == sorted(found)
+    hook.step(14)
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint", "model_0000012.pth", "model_0000014.pth", "model_0000099.pth",
+        "model_final.pth", "notes.pth"]
+
+
+def test_no_limit_keeps_every_checkpoint_and_zero_is_refused(tmp_path):
+    (tmp_path / "model_0000001.pth").write_bytes(b"")
+    RotatingCheckpointer(DetectionCheckpointer(nn.Linear(1, 1), str(tmp_path)), period=2).step(3)
+    assert {"model_0000001.pth", "model_0000003.pth"} <= set(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match="max_to_keep must be ≥ 1 or None .keep all., got 0"):
+        RotatingCheckpointer(DetectionCheckpointer(nn.Linear(1, 1)), period=2, max_to_keep=0)
+
+
+def test_preemption_signals_are_named_and_checked():
+    assert parse_signals(["SIGUSR1", "SIGTERM"], "key") == [signal.SIGUSR1, signal.SIGTERM]
+    for name in ("USR1", "SIGKILL"):
+        with pytest.raises(ValueError, match=f"cfg.X must name signals a process can catch, such "
+                                             f"as 'SIGUSR1' or 'SIGTERM', got '{name}'"):
+            parse_signals([name], "cfg.X")
