@@ -24,6 +24,7 @@ from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parse
                                default_writers, hooks)
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from mabn_det.engine import (GradientAccumulationTrainer, MissingDatasetError, ProcessStates,
                              check_datasets_on_disk)
@@ -101,6 +102,7 @@ def main(args: argparse.Namespace):
     """Train (or with --eval-only, evaluate) as described by `args`; runs once per process."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mabn_det")
     if cfg.train.device == "cpu" and comm.get_local_size() > 1:
         # Processes sharing the CPU would otherwise each start a thread per core and stall.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))

@@ -23,6 +23,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from mabn_det.config import load_config
 from mabn_det.engine import MissingDatasetError, Trainer, check_datasets_on_disk
@@ -47,6 +48,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_det")
     return cfg
 
 
