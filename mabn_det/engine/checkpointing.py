@@ -167,14 +167,14 @@ class PreemptionCheckpointer(HookBase):
         # Named as periodic checkpoints are, so that RotatingCheckpointer counts it.
         self._checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
         # Before the barrier: once a process exits, the launcher ends the others.
-        requeued = comm.is_main_process() and _request_requeue()
-        comm.synchronize()
         if comm.is_main_process():
+            requeued = _request_requeue()
             _logger.info(
                 f"Stopped at a preemption signal after iteration {iteration}: saved "
                 f"{self._checkpointer.get_checkpoint_file()}"
                 + ("; asked SLURM to requeue the job" if requeued else "")
                 + f"; exiting with status {PREEMPTED_EXIT_STATUS} (--resume continues from it)")
+        comm.synchronize()
         raise TrainingPreempted()
 
     def after_train(self):
