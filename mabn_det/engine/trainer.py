@@ -24,6 +24,7 @@ from .state import ProcessStates, preserved_rng
 __all__ = ["AccumulatedLosses", "GradientAccumulationTrainer", "Trainer", "has_mabn", "unwrap",
            "with_mabn_hooks"]
 
+
 class GradientAccumulationTrainer(SimpleTrainer):
     """One optimizer step over the summed gradients of several micro-batches.
 
@@ -76,9 +77,9 @@ class AccumulatedLosses(nn.Module):
         if not self.training:
             return self.module(micro_batches)
         *early, last = micro_batches
+        defer_sync = isinstance(self.module, DistributedDataParallel)
         carried = {}
         for batch in early:
-            defer_sync = isinstance(self.module, DistributedDataParallel)
             with self.module.no_sync() if defer_sync else contextlib.nullcontext():
                 losses = self.module(batch)
                 (sum(losses.values()) / self.steps).backward()
@@ -123,8 +124,7 @@ class Trainer(DefaultTrainer):
       its own buffers and random-generator states, provided it resumes with as many processes.
       The resumed run then computes what the uninterrupted one would have; its results are
       bit-identical where the kernels are deterministic (CPU; on GPU, cuDNN and Detectron2's
-      ROIAlign backward are not). Detectron2's samplers restart their own streams.
-
+      ROIAlign backward are not). Detectron2's samplers restart their own streams;
     - on one of `SOLVER.PREEMPTION_SIGNALS` (SLURM's ``--signal``), stops after the current step
       with a checkpoint from which ``--resume`` continues exactly, asks SLURM to requeue the job
       and exits with status 75 (`PreemptionCheckpointer`).
