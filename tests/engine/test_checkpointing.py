@@ -1,13 +1,18 @@
-"""Which periodic checkpoints stay in the output directory, whoever wrote them; the preemption
-signals a config may name."""
+"""Which periodic checkpoints stay in the output directory, whoever wrote them; a preemption
+signal stops training after the step with a checkpoint (one process here; two, and the tools, in
+tests/engine/test_multi_process.py and test_train_net_processes.py)."""
+import itertools
 import os
 import signal
 
 import pytest
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import HookBase, SimpleTrainer
 from torch import nn
 
-from mabn_det.engine import RotatingCheckpointer
+from mabn_det.engine import (PreemptionCheckpointer, ProcessStates, RotatingCheckpointer,
+                             TrainingPreempted)
 from mabn_det.engine.checkpointing import parse_signals
 
 
@@ -43,3 +48,42 @@ def test_preemption_signals_are_named_and_checked():
         with pytest.raises(ValueError, match=f"cfg.X must name signals a process can catch, such "
                                              f"as 'SIGUSR1' or 'SIGTERM', got '{name}'"):
             parse_signals([name], "cfg.X")
+
+
+class _Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return {"loss": self.linear(x).square().mean()}
+
+
+class _SignalAfter(HookBase):
+    """Sends this process SIGUSR1 after iteration `iteration`, as a cluster would mid-run."""
+
+    def __init__(self, iteration):
+        self._iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self._iteration:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from(tmp_path):
+    model = _Regression()
+    trainer = SimpleTrainer(model, itertools.repeat(torch.ones(4, 2)),
+                            torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpointer = DetectionCheckpointer(model, str(tmp_path), trainer=trainer)
+    states = ProcessStates(model, (100,), data_seed=3)
+    trainer.register_hooks([_SignalAfter(1), states,
+                            PreemptionCheckpointer(checkpointer, states, [signal.SIGUSR1])])
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted) as stop:
+        trainer.train(0, 10)
+    assert stop.value.code == 75
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is the training's only
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    saved = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
+    assert saved["iteration"] == saved["trainer"]["iteration"] == 1
+    assert len(saved["trainer"]["hooks"]["ProcessStates"]["processes"]) == 1
