@@ -1,6 +1,6 @@
 """Which evaluators score a dataset, and a clear stop when a registered dataset is not on disk."""
 import os
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator,
@@ -12,31 +12,39 @@ from detectron2.utils import comm
 __all__ = ["EVALUATORS", "MissingDatasetError", "build_dataset_evaluator",
            "check_datasets_on_disk"]
 
+Tasks = Optional[Tuple[str, ...]]
+
 # The metadata fields through which Detectron2's registrations name files and directories.
 _PATH_FIELDS = ("json_file", "image_root", "panoptic_json", "panoptic_root", "sem_seg_root")
 
 # Detectron2's library has no evaluator choice to defer to (DefaultTrainer.build_evaluator raises
 # NotImplementedError; the choice lives in its tools/train_net.py). So it is made here, once, for
 # every ``evaluator_type`` that script covers, as it covers them: evaluator_type -> factories of
-# (dataset name, output folder). Each evaluator reads what else it needs (COCO's tasks from the
-# predictions, the semantic classes and ignore label from the metadata).
-EVALUATORS: Dict[str, Tuple[Callable[[str, str], DatasetEvaluator], ...]] = {
-    "coco": (lambda name, out: COCOEvaluator(name, output_dir=out),),
+# (dataset name, output folder, COCO tasks). Each evaluator reads what else it needs from the
+# metadata (the semantic classes and ignore label, VOC's directory, ...).
+EVALUATORS: Dict[str, Tuple[Callable[[str, str, Tasks], DatasetEvaluator], ...]] = {
+    "coco": (lambda name, out, tasks: COCOEvaluator(name, tasks, output_dir=out),),
     "coco_panoptic_seg": (
-        lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out),
-        lambda name, out: COCOEvaluator(name, output_dir=out),
-        lambda name, out: COCOPanopticEvaluator(name, output_dir=out)),
-    "sem_seg": (lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out),),
-    "lvis": (lambda name, out: LVISEvaluator(name, output_dir=out),),
-    "pascal_voc": (lambda name, out: PascalVOCDetectionEvaluator(name),),
-    "cityscapes_instance": (lambda name, out: CityscapesInstanceEvaluator(name),),
-    "cityscapes_sem_seg": (lambda name, out: CityscapesSemSegEvaluator(name),),
+        lambda name, out, tasks: SemSegEvaluator(name, distributed=True, output_dir=out),
+        lambda name, out, tasks: COCOEvaluator(name, tasks, output_dir=out),
+        lambda name, out, tasks: COCOPanopticEvaluator(name, output_dir=out)),
+    "sem_seg": (lambda name, out, tasks: SemSegEvaluator(name, distributed=True, output_dir=out),),
+    "lvis": (lambda name, out, tasks: LVISEvaluator(name, tasks, output_dir=out),),
+    "pascal_voc": (lambda name, out, tasks: PascalVOCDetectionEvaluator(name),),
+    "cityscapes_instance": (lambda name, out, tasks: CityscapesInstanceEvaluator(name),),
+    "cityscapes_sem_seg": (lambda name, out, tasks: CityscapesSemSegEvaluator(name),),
 }
 
 
-def build_dataset_evaluator(dataset_name: str, output_folder: str) -> DatasetEvaluator:
+def build_dataset_evaluator(dataset_name: str, output_folder: str,
+                            tasks: Tasks = None) -> DatasetEvaluator:
     """The evaluators of the dataset's ``evaluator_type`` (`EVALUATORS`, the types and evaluators
     of Detectron2's tools/train_net.py); a dataset without one is scored as "coco".
+
+    Args:
+        tasks: what the COCO and LVIS evaluators score ("bbox", "segm", "keypoints"); None lets
+            them infer it from the predictions, so an evaluation without any prediction reports
+            boxes only.
 
     Raises:
         ValueError: for an ``evaluator_type`` not in `EVALUATORS`, and for the Cityscapes types
@@ -51,7 +59,7 @@ def build_dataset_evaluator(dataset_name: str, output_folder: str) -> DatasetEva
         raise ValueError(f"evaluator_type {kind!r} of dataset '{dataset_name}' is evaluated on "
                          f"one machine only, got {comm.get_world_size() // comm.get_local_size()} "
                          "machines; evaluate the checkpoint with --eval-only on one machine")
-    evaluators = [build(dataset_name, output_folder) for build in EVALUATORS[kind]]
+    evaluators = [build(dataset_name, output_folder, tasks) for build in EVALUATORS[kind]]
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 

@@ -189,8 +189,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """`build_dataset_evaluator`, scoring boxes and, with MODEL.MASK_ON and
+        MODEL.KEYPOINT_ON, masks and keypoints: every evaluation reports each (NaN when nothing
+        was predicted)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_dataset_evaluator(dataset_name, output_folder)
+        tasks = ("bbox", *(("segm",) if cfg.MODEL.MASK_ON else ()),
+                 *(("keypoints",) if cfg.MODEL.KEYPOINT_ON else ()))
+        return build_dataset_evaluator(dataset_name, output_folder, tasks)
 
     @classmethod
     def build_precise_bn_loader(cls, cfg: CfgNode):

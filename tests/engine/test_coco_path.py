@@ -30,13 +30,16 @@ def test_every_evaluator_type_of_detectron2_gets_its_evaluators(kind, monkeypatc
     """Recorded, not built: the real evaluators read each dataset's files when constructed."""
     built = []
     for cls in {name for names in UPSTREAM_EVALUATORS.values() for name in names}:
-        monkeypatch.setattr(evaluation, cls, lambda name, *args, cls=cls, **kwargs: (
-            built.append((cls, name, kwargs.get("output_dir"))) or DatasetEvaluator()))
+        monkeypatch.setattr(evaluation, cls, lambda name, tasks=None, *args, cls=cls, **kwargs: (
+            built.append((cls, name, kwargs.get("output_dir"), tasks)) or DatasetEvaluator()))
     name = f"tiny_{kind}_eval"
     MetadataCatalog.get(name).set(evaluator_type=kind)
     Trainer.build_evaluator(make_cfg(), name, str(tmp_path))
-    assert {cls for cls, _, _ in built} == UPSTREAM_EVALUATORS[kind]
-    assert all(dataset == name and out in (None, str(tmp_path)) for _, dataset, out in built)
+    assert {cls for cls, *_ in built} == UPSTREAM_EVALUATORS[kind]
+    assert all(dataset == name and out in (None, str(tmp_path)) for _, dataset, out, _ in built)
+    # COCO AP of boxes and masks (MASK_ON) even when nothing is predicted, as LVIS's.
+    assert all(tasks == ("bbox", "segm") for cls, _, _, tasks in built
+               if cls in ("COCOEvaluator", "LVISEvaluator"))
 
 
 def test_an_unknown_evaluator_type_is_named():
