@@ -175,28 +175,27 @@ def fake_slurm(directory):
     return env, calls
 
 
-def preempt(cmd, output_dir, env, *, whole_group: bool, timeout: float = 600):
+def preempt(cmd, output_dir, env, *, to: str, timeout: float = 600):
     """Run `cmd`, a tool launching 2 training processes, and send SIGUSR1 as soon as training has
-    started (Detectron2's log says so): to the whole process group (the launcher and its
-    training processes), as SLURM's ``--signal`` does, or to one training process only.
+    started (Detectron2's log says so) to the launching process only ("launcher", which must pass
+    it on) or to one training process only ("worker", whose peer must stop too). SLURM's
+    ``--signal`` reaches every process of the job step, both at once.
 
     Returns:
         (exit status, console output).
     """
     console = output_dir + "-console.txt"
     with open(console, "w") as out:
-        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     log = os.path.join(output_dir, "log.txt")
     deadline = time.monotonic() + timeout
     while not (os.path.exists(log) and "Starting training from iteration" in open(log).read()):
         assert process.poll() is None, open(console).read()[-4000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
-    if whole_group:
-        os.killpg(process.pid, signal.SIGUSR1)
-    else:
-        os.kill(_training_processes(process.pid)[-1], signal.SIGUSR1)
+    targets = {"launcher": lambda: process.pid,
+               "worker": lambda: _training_processes(process.pid)[-1]}
+    os.kill(targets[to](), signal.SIGUSR1)
     status = process.wait(timeout=max(1.0, deadline - time.monotonic()))
     return status, open(console).read()
 

@@ -92,7 +92,7 @@ def test_a_preempted_run_checkpoints_requeues_and_resumes_exactly(trained, tiny_
     config = _write_config(root / "preempted.py", tiny_coco, preempted,
                            str(root / "eval_preempted"), dict(period=2, max_to_keep=1))
     env, scontrol_calls = fake_slurm(str(root))
-    status, console = preempt(_command(config, "--resume"), preempted, env, whole_group=False)
+    status, console = preempt(_command(config, "--resume"), preempted, env, to="worker")
     assert status == 75, console[-4000:]
     assert "Stopped at a preemption signal after iteration" in console
     assert not os.path.exists(os.path.join(preempted, "model_final.pth"))

@@ -71,14 +71,14 @@ def test_precise_bn_changes_no_weight_nor_buffer(trained, tiny_coco):
 
 
 def test_a_preempted_run_checkpoints_requeues_and_resumes_exactly(trained, tiny_coco):
-    """SIGUSR1 to the whole process group, as SLURM's --signal sends it. The run resumes the
-    uninterrupted run's checkpoint of iteration 2 (SEED -1: to share its random initialisation
-    and data seed), is stopped, and is resumed again."""
+    """SIGUSR1 to the launching process only, which passes it on (`kill`, a container's
+    SIGTERM). The run resumes the uninterrupted run's checkpoint of iteration 2 (SEED -1: to
+    share its random initialisation and data seed), is stopped, and is resumed again."""
     root, out = trained
     preempted = stopped_at(out, "model_0000001.pth", str(root / "preempted"))
     env, scontrol_calls = fake_slurm(str(root))
     cmd = _command(tiny_coco, preempted, "--resume", **{"SOLVER.CHECKPOINT_MAX_TO_KEEP": 1})
-    status, console = preempt(cmd, preempted, env, whole_group=True)
+    status, console = preempt(cmd, preempted, env, to="launcher")
     assert status == 75, console[-4000:]
     assert "Stopped at a preemption signal after iteration" in console
     assert not os.path.exists(os.path.join(preempted, "model_final.pth"))
