@@ -1,6 +1,7 @@
 """Two processes (gloo, CPU) of tools/lazyconfig_train_net.py fed different images: one MABN
-statistic for checkpoints and evaluations, a resume that continues every process exactly, and a
-preemption signal that stops both after the same step with a checkpoint to resume from."""
+statistic for checkpoints and evaluations, and a preemption signal that stops both after the same
+step with a checkpoint; resumes from periodic and preemption checkpoints continue every process
+exactly."""
 import os
 import subprocess
 import sys
@@ -75,18 +76,11 @@ def test_end_of_training_evaluation_equals_eval_only_of_the_saved_model(trained,
     assert during == after
 
 
-def test_resume_equals_uninterrupted_training_on_every_process(trained, tiny_coco):
-    root, out = trained
-    resumed = stopped_at(out, "model_0000001.pth", str(root / "resumed"))
-    _run(_write_config(root / "resumed.py", tiny_coco, resumed, str(root / "eval_resumed")),
-         "--resume")
-    assert_same_training(out, resumed)
-
-
 def test_a_preempted_run_checkpoints_requeues_and_resumes_exactly(trained, tiny_coco):
-    """The run resumes the uninterrupted run's checkpoint of iteration 2 (to share its random
-    initialisation and data seed), gets SIGUSR1 in one of its two training processes, stops, and
-    is resumed."""
+    """The run resumes the uninterrupted run's periodic checkpoint of iteration 2 (SEED -1: it
+    shares the random initialisation and takes the data seed from it), gets SIGUSR1 in one of its
+    two training processes, stops, and is resumed from its preemption checkpoint: both resumes
+    continue every process exactly."""
     root, out = trained
     preempted = stopped_at(out, "model_0000001.pth", str(root / "preempted"))
     config = _write_config(root / "preempted.py", tiny_coco, preempted,
