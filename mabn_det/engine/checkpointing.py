@@ -98,11 +98,16 @@ def listen_for_preemption(signals: Sequence[signal.Signals]) -> Dict[signal.Sign
     """From now on, each of `signals` asks this process's training to stop at the next step
     boundary (`PreemptionCheckpointer`) instead of ending it (SIGUSR1's and SIGTERM's default).
     Training processes call it first thing, so that a signal while the model and data are built
-    is not fatal. Main thread only.
+    is not fatal. Python lets only the main thread set handlers: elsewhere it warns and does
+    nothing.
 
     Returns:
         The handlers it replaced, by signal.
     """
+    if signals and threading.current_thread() is not threading.main_thread():
+        _logger.warning(f"Training runs outside the main thread, where Python cannot catch "
+                        f"{', '.join(s.name for s in signals)}: no checkpoint on preemption")
+        return {}
     return {s: signal.signal(s, _request_stop) for s in signals}
 
 

@@ -2,8 +2,10 @@
 signal stops training after the step with a checkpoint (one process here; two, and the tools, in
 tests/engine/test_multi_process.py and test_train_net_processes.py)."""
 import itertools
+import logging
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 from mabn_det.engine import (PreemptionCheckpointer, ProcessStates, RotatingCheckpointer,
                              TrainingPreempted)
-from mabn_det.engine.checkpointing import parse_signals
+from mabn_det.engine.checkpointing import listen_for_preemption, parse_signals
 
 
 def test_the_newest_periodic_checkpoints_stay_whoever_wrote_them(tmp_path):
@@ -87,3 +89,15 @@ def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from
     saved = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
     assert saved["iteration"] == saved["trainer"]["iteration"] == 1
     assert len(saved["trainer"]["hooks"]["ProcessStates"]["processes"]) == 1
+
+
+def test_outside_the_main_thread_signals_are_left_alone_with_a_warning(caplog, monkeypatch):
+    # The tools' setup_logger stops mabn_det's records short of caplog's root handler.
+    monkeypatch.setattr(logging.getLogger("mabn_det"), "propagate", True)
+    replaced = []
+    thread = threading.Thread(target=lambda: replaced.append(
+        listen_for_preemption([signal.SIGUSR1])))
+    thread.start()
+    thread.join()
+    assert replaced == [{}]
+    assert "cannot catch SIGUSR1: no checkpoint on preemption" in caplog.text
