@@ -15,9 +15,14 @@ from .layers import MABN2d, MABNSettings
 
 __all__ = ["add_mabn_config", "check_training", "check_training_config", "get_key", "load_config",
            "mabn_norm_keys", "mabn_settings", "set_key", "with_mabn_norms", "MABN_LOG_PERIOD",
-           "MABN_NORM"]
+           "MABN_NORM", "RESUMABLE_SAMPLER"]
 
 MABN_NORM = "MABN"
+
+# The DATALOADER.SAMPLER_TRAIN of mabn_det's resumable training stream
+# (mabn_det.engine.build_resumable_train_loader), which this repository's configs set; the names
+# Detectron2 knows ("TrainingSampler", ...) keep their meaning.
+RESUMABLE_SAMPLER = "ResumableTrainingSampler"
 
 # Iterations between MABN diagnostics unless a config says otherwise: cfg.MODEL.MABN.LOG_PERIOD,
 # and a LazyConfig's train.mabn_log_period.
@@ -25,8 +30,8 @@ MABN_LOG_PERIOD = 20
 
 
 def add_mabn_config(cfg: CN) -> None:
-    """Add `cfg.MODEL.MABN` (the paper's detection settings), `cfg.SOLVER.GRAD_ACCUMULATION_STEPS`
-    and `cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP`."""
+    """Add `cfg.MODEL.MABN` (the paper's detection settings) and mabn_det's `cfg.SOLVER` keys
+    (gradient accumulation, checkpoints kept, preemption signals)."""
     cfg.MODEL.MABN = CN()
     # The layer's settings: one key per field of mabn_det.layers.MABNSettings (BUFFER_SIZE is
     # buffer_size, ...) with its default; its docstring says what each means and allows.
@@ -40,8 +45,14 @@ def add_mabn_config(cfg: CN) -> None:
     # Micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images per optimizer step;
     # each forward sees IMS_PER_BATCH / (GPUs · GRAD_ACCUMULATION_STEPS) images per GPU.
     cfg.SOLVER.GRAD_ACCUMULATION_STEPS = 1
-    # Periodic checkpoints kept on disk (the latest ones; model_final.pth is extra); 0 keeps all.
+    # Periodic checkpoints kept in OUTPUT_DIR, those of the runs it resumed included (the latest
+    # ones; model_final.pth is extra); 0 keeps all.
     cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
+    # Signals at which training stops after the current step with a checkpoint to resume from,
+    # asks SLURM to requeue the job and exits with status 75 (SLURM's --signal sends SIGUSR1); ()
+    # turns this off. Add "SIGTERM" where a scheduler preempts with it; scancel, which sends it
+    # too, then requeues the job instead of ending it.
+    cfg.SOLVER.PREEMPTION_SIGNALS = ("SIGUSR1",)
 
 
 def load_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CN:

@@ -30,6 +30,7 @@ import functools
 from collections import abc
 from typing import Callable
 
+from detectron2.data import build_detection_train_loader
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.registry import locate
 from torch import nn
@@ -99,6 +100,14 @@ def target_callable(target):
     return locate(target) if isinstance(target, str) else target
 
 
+# mabn_det.engine's resumable loader, named rather than imported: the engine builds on this module.
+_RESUMABLE_LOADER = "mabn_det.engine.sampler.build_resumable_train_loader"
+
+
+def _qualified_name(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
+
+
 def is_lazy_config(config_file: str) -> bool:
     """Whether `config_file` is a LazyConfig: Python, or YAML with a lower-case ``model`` node (as
     `LazyConfig.save` writes it) where a YAML config of Detectron2's `CfgNode` has ``MODEL``."""
@@ -115,8 +124,10 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
 
     In ``cfg.model``, every `mabn_norm` node (written in place or as "${mabn}") becomes
     "FrozenBN", and a node made by `as_mabn_model` gets its meta-architecture back as
-    ``_target_``; the top-level ``mabn`` node is removed, and an ``optimizer.params`` node of
-    `mabn_det.solver.mabn_optimizer_params` becomes Detectron2's `get_default_optimizer_params`.
+    ``_target_``; the top-level ``mabn`` node is removed, an ``optimizer.params`` node of
+    `mabn_det.solver.mabn_optimizer_params` becomes Detectron2's `get_default_optimizer_params`,
+    and a ``dataloader.train`` of `mabn_det.engine.build_resumable_train_loader` Detectron2's
+    `build_detection_train_loader` (the same arguments).
     Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model it builds.
     """
     stock = copy.deepcopy(cfg)
@@ -128,6 +139,9 @@ def stock_lazy_config(cfg: abc.MutableMapping) -> abc.MutableMapping:
     params = stock.get("optimizer", {}).get("params", {})
     if target_callable(params.get("_target_")) is mabn_optimizer_params:
         params._target_ = get_default_optimizer_params  # the same groups without MABN layers
+    train_loader = stock.get("dataloader", {}).get("train", {})
+    if _qualified_name(target_callable(train_loader.get("_target_"))) == _RESUMABLE_LOADER:
+        train_loader._target_ = build_detection_train_loader
     return stock
 
 

@@ -3,7 +3,11 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -174,3 +178,103 @@ def train_checking_finite(model, batch, steps):
 def distribution_key(name: str) -> str:
     """A distribution name as pip compares them (PEP 503): "Scikit_Image" → "scikit-image"."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def fake_slurm(directory):
+    """An environment in which the job looks run by SLURM (job 4242) and ``scontrol`` appends its
+    arguments to `directory`/scontrol.calls instead of talking to a cluster.
+
+    Returns:
+        (env, path of the calls file).
+    """
+    calls = os.path.join(directory, "scontrol.calls")
+    script = os.path.join(directory, "scontrol")
+    with open(script, "w") as f:
+        f.write(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    os.chmod(script, 0o755)
+    env = dict(os.environ, PYTHONPATH=REPO, SLURM_JOB_ID="4242",
+               PATH=f"{directory}{os.pathsep}{os.environ['PATH']}")
+    return env, calls
+
+
+def preempt(cmd, output_dir, env, *, to: str, timeout: float = 600):
+    """Run `cmd`, a tool launching 2 training processes, and send SIGUSR1 as soon as training has
+    started (Detectron2's log says so) to the launching process only ("launcher", which must pass
+    it on) or to one training process only ("worker", whose peer must stop too). SLURM's
+    ``--signal`` reaches every process of the job step, both at once.
+
+    Returns:
+        (exit status, console output).
+    """
+    console = output_dir + "-console.txt"
+    with open(console, "w") as out:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    log = os.path.join(output_dir, "log.txt")
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(log) and "Starting training from iteration" in open(log).read()):
+        assert process.poll() is None, open(console).read()[-4000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    targets = {"launcher": lambda: process.pid,
+               "worker": lambda: _training_processes(process.pid)[-1]}
+    os.kill(targets[to](), signal.SIGUSR1)
+    status = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    return status, open(console).read()
+
+
+def _training_processes(launcher: int):
+    """The processes `launcher` started with multiprocessing's spawn (not its helpers)."""
+    with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    spawned = []
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline") as f:
+            if "spawn_main" in f.read():
+                spawned.append(pid)
+    assert spawned, f"no training process under {launcher}"
+    return spawned
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def saved_predictions(evaluation_dir):
+    """{image_id: instances} of every process's share, as COCOEvaluator saved them."""
+    return {p["image_id"]: p["instances"] for p in
+            load_checkpoint(os.path.join(evaluation_dir, "instances_predictions.pth"))}
+
+
+def stopped_at(checkpoint_dir, checkpoint, new_dir):
+    """A fresh `new_dir` holding only `checkpoint` of `checkpoint_dir`, as its last checkpoint: a
+    run stopped after that checkpoint's iteration, for ``--resume``."""
+    os.makedirs(new_dir)
+    shutil.copy(os.path.join(checkpoint_dir, checkpoint), new_dir)
+    with open(os.path.join(new_dir, "last_checkpoint"), "w") as f:
+        f.write(checkpoint)
+    return new_dir
+
+
+def assert_same_training(expected_dir, got_dir, processes=2):
+    """model_final.pth of both directories holds the same weights and buffers, and every
+    process's buffers; the processes saw different images (different MABN rings) and share one
+    running_var."""
+    expected, got = (load_checkpoint(os.path.join(d, "model_final.pth"))
+                     for d in (expected_dir, got_dir))
+    assert expected["model"].keys() == got["model"].keys()
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), f"{key} differs"
+    states = [c["trainer"]["hooks"]["ProcessStates"]["processes"] for c in (expected, got)]
+    assert len(states[0]) == len(states[1]) == processes
+    first, second = states[0][0]["buffers"], states[0][1]["buffers"]
+    rings = [k for k in first if k.endswith("chi_buffer")]
+    assert rings and any(not torch.equal(first[k], second[k]) for k in rings)
+    assert all(torch.equal(first[k], second[k]) for k in first if k.endswith("running_var"))
+    for rank in range(processes):
+        for key, value in states[0][rank]["buffers"].items():
+            assert torch.equal(value, states[1][rank]["buffers"][key]), \
+                f"process {rank}: {key} differs"
+
+
+def checkpoint_files(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".pth"))

@@ -52,6 +52,7 @@ def test_stock_inference_config_has_no_mabn_keys():
     assert stock.MODEL.RESNETS.NORM == "FrozenBN"
     assert stock.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert stock.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
+    assert stock.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
 
 
 def test_layer_yaml_keys_and_lazy_factory_share_the_settings_defaults():

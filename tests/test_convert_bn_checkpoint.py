@@ -17,10 +17,10 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-from mabn_det.bn_checkpoint import convert_bn_checkpoint, torchvision_to_detectron2_names
+from mabn_det.bn_checkpoint import torchvision_to_detectron2_names
 from mabn_det.modeling import stock_inference_config
 from mabn_det.lazy import stock_lazy_config
-from mabn_det.layers import CentredConv2d, MABN2d, PretrainedOffset, convert_to_inference_form
+from mabn_det.layers import CentredConv2d, MABN2d, convert_to_inference_form
 from tests.common import TINY_MABN_CONFIG, load_tool, make_cfg, train_opts
 
 convert_tool = load_tool("convert_bn_checkpoint")

@@ -76,6 +76,7 @@ def test_converted_lazy_config_checkpoint_predicts_the_same_in_stock_detectron2(
     assert "mabn" not in stock and stock.model.backbone.norm == "FrozenBN"
     assert stock.model._target_.endswith("GeneralizedRCNN")
     assert not stock.optimizer.params._target_.startswith("mabn_det")
+    assert stock.dataloader.train._target_.startswith("detectron2.")
     _assert_stock_predicts_the_same(STOCK_LAZY_PREDICT, config, model, batch[0]["image"],
                                     tmp_path)
 

@@ -3,7 +3,6 @@ every norm asked for is an MABN2d after a centred conv, the configs survive Lazy
 training step with an empty image works, and tools/lazyconfig_train_net.py trains, resumes and
 evaluates (the LSJ recipe with its own augmentation)."""
 import json
-import logging
 import os
 
 import pycocotools.mask as mask_util
@@ -11,18 +10,20 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.datasets import register_coco_instances
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.events import EventStorage
 
-from mabn_det.config import check_training
-from mabn_det.engine.lazy_training import build_lazy_model, build_lazy_optimizer
+from mabn_det.config import check_training, load_config
+from mabn_det.engine import ResumableBatches
+from mabn_det.engine.lazy_training import (build_lazy_model, build_lazy_optimizer,
+                                           build_lazy_train_loader)
 from mabn_det.layers import CentredConv2d, MABN2d, MABNSettings, PerLevelMABN2d
 from mabn_det.lazy import mabn_norm, target_callable
 from mabn_det.modeling import prepare_mabn_model
-from tests.common import LAZY_RECIPES, count_calls, load_tool, tiny_lazy_config
+from tests.common import LAZY_RECIPES, REPO, count_calls, load_tool, tiny_lazy_config
 
 lazyconfig_train_net = load_tool("lazyconfig_train_net")
 
@@ -187,6 +188,29 @@ def test_mabn_parameters_decay_as_norms_with_our_trainer_and_with_detectron2s(pa
         assert decay[id(conv.weight)] == cfg.optimizer.weight_decay
 
 
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_recipes_keep_as_many_checkpoints_as_the_yaml_recipes(path):
+    yaml = load_config(os.path.join(REPO, "configs", "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"))
+    checkpointer = LazyConfig.load(path).train.checkpointer
+    assert checkpointer.max_to_keep == yaml.SOLVER.CHECKPOINT_MAX_TO_KEEP == 3
+    if "2x" in path:  # the YAML recipe's twin
+        assert checkpointer.period == yaml.SOLVER.CHECKPOINT_PERIOD
+
+
+@pytest.mark.parametrize("path", LAZY_RECIPES, ids=os.path.basename)
+def test_recipes_train_on_the_resumable_stream_and_detectron2s_loader_stays_its_own(
+        path, tiny_coco):
+    if "tiny_lazy_loader" not in DatasetCatalog.list():
+        register_coco_instances("tiny_lazy_loader", {}, *tiny_coco)
+    cfg = tiny_lazy_config(path)
+    cfg.dataloader.train.dataset.names = "tiny_lazy_loader"
+    cfg.dataloader.train.num_workers = 0
+    assert isinstance(build_lazy_train_loader(cfg, seed=1).batch_sampler, ResumableBatches)
+    cfg.dataloader.train._target_ = build_detection_train_loader
+    stock = build_lazy_train_loader(cfg, seed=1)
+    assert not isinstance(getattr(stock, "batch_sampler", None), ResumableBatches)
+
+
 # The LSJ recipe's own training augmentation (large-scale jitter, then a fixed-size crop, then a
 # flip), at 64 px instead of 1024.
 _LSJ_AUGMENTATION = (
@@ -233,9 +257,8 @@ def _run(config, *opts):
     return lazyconfig_train_net.main(args)
 
 
-def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path, caplog):
+def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path):
     """With gradient accumulation, and PreciseBN for MABN before the final evaluation."""
-    caplog.set_level(logging.INFO, logger="mabn_det")
     register_coco_instances("tiny_lazy", {}, *tiny_coco)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     # Each step accumulates two micro-batches of one image.
@@ -243,7 +266,8 @@ def test_tool_trains_resumes_exactly_and_evaluates(tiny_coco, tmp_path, caplog):
                   grad_accumulation_steps=2, precise_bn=dict(enabled=True, num_iter=1))
     results = _run(_write_config(tmp_path, "tiny_lazy", output_dir=straight, **common))
     assert "bbox" in results and "segm" in results  # COCO AP, after the last iteration
-    assert "Running PreciseBN for MABN over 1 batches" in caplog.text
+    with open(os.path.join(straight, "log.txt")) as log:  # the tool logs mabn_det there too
+        assert "Running PreciseBN for MABN over 1 batches" in log.read()
 
     # Stop after 2 iterations: a fresh directory holding only the checkpoint of iteration 2.
     os.makedirs(resumed)

@@ -5,7 +5,9 @@ Detectron2's tools/lazyconfig_train_net.py (same arguments, overrides as key=val
 features of tools/train_net.py: gradient accumulation, exact resume, MABN diagnostics, MABN weight
 decay, MABN statistics averaged over processes before checkpoints and evaluations, and PreciseBN
 for MABN at evaluation (see mabn_det.engine.lazy_training for the ``train`` keys). With
-``train.device="cpu"`` the model trains in several processes too (DDP without device_ids).
+``train.device="cpu"`` the model trains in several processes too (DDP without device_ids). On a
+signal of ``train.preemption_signals`` (SIGUSR1) training stops after the current step with a
+checkpoint, asks SLURM to requeue the job, and exits with status 75; --resume continues it.
 
     python tools/lazyconfig_train_net.py --num-gpus 8 \
         --config-file configs/lazy/mask_rcnn_R_50_FPN_100ep_LSJ_mabn.py
@@ -19,15 +21,19 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup,
-                               default_writers, hooks, launch)
+                               default_writers, hooks)
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from mabn_det.engine import (GradientAccumulationTrainer, MissingDatasetError, ProcessStates,
                              check_datasets_on_disk)
+from mabn_det.engine.checkpointing import (RotatingCheckpointer, launch_preemptible,
+                                           listen_for_preemption)
 from mabn_det.engine.lazy_training import (accumulation_steps, build_lazy_model,
                                            build_lazy_optimizer, build_lazy_train_loader,
-                                           check_lazy_training, evaluate_lazy, mabn_log_period)
+                                           check_lazy_training, evaluate_lazy, mabn_log_period,
+                                           preemption_signals)
 from mabn_det.engine.sampler import shared_data_seed
 from mabn_det.engine.trainer import unwrap, with_mabn_hooks
 
@@ -74,14 +80,15 @@ def do_train(args: argparse.Namespace, cfg):
     trainer.register_hooks(with_mabn_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+        RotatingCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
         hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ], process_states, unwrap(model), mabn_log_period(cfg),
-        amp=cfg.train.amp.enabled))
+        amp=cfg.train.amp.enabled, checkpointer=checkpointer,
+        preemption_signals=preemption_signals(cfg)))
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
@@ -97,6 +104,7 @@ def main(args: argparse.Namespace):
     """Train (or with --eval-only, evaluate) as described by `args`; runs once per process."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mabn_det")
     if cfg.train.device == "cpu" and comm.get_local_size() > 1:
         # Processes sharing the CPU would otherwise each start a thread per core and stall.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
@@ -104,6 +112,7 @@ def main(args: argparse.Namespace):
         model = ddp_model(cfg, build_lazy_model(cfg))
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model, cfg.train.get("seed", -1))
+    listen_for_preemption(preemption_signals(cfg))
     return do_train(args, cfg)
 
 
@@ -118,14 +127,20 @@ def dataset_names(cfg, eval_only: bool):
     return names
 
 
-if __name__ == "__main__":
+def invoke_main() -> None:
+    """Run `main` in the processes the command line asks for, after checking that the datasets
+    are on disk; exit with status 75 when training stopped for preemption."""
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     try:
-        check_datasets_on_disk(dataset_names(
-            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts),
-            args.eval_only))
+        check_datasets_on_disk(dataset_names(cfg, args.eval_only))
     except MissingDatasetError as e:
         raise SystemExit(str(e))
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_preemptible(main, () if args.eval_only else preemption_signals(cfg), args.num_gpus,
+                       num_machines=args.num_machines, machine_rank=args.machine_rank,
+                       dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()

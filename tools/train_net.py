@@ -9,6 +9,9 @@ Same arguments as Detectron2's tools/train_net.py, plus --register-coco NAME JSO
     # the same, with MABN's running_var re-estimated over 200 training batches for this evaluation:
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth \
         TEST.PRECISE_BN.ENABLED True TEST.PRECISE_BN.NUM_ITER 200
+
+On a signal of SOLVER.PREEMPTION_SIGNALS (SIGUSR1) training stops after the current step with a
+checkpoint, asks SLURM to requeue the job, and exits with status 75; --resume continues it.
 """
 import argparse
 import os
@@ -17,12 +20,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from mabn_det.config import load_config
 from mabn_det.engine import MissingDatasetError, Trainer, check_datasets_on_disk
+from mabn_det.engine.checkpointing import launch_preemptible, listen_for_preemption
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -43,6 +48,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_det")
     return cfg
 
 
@@ -60,12 +66,16 @@ def main(args: argparse.Namespace):
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
+    listen_for_preemption(Trainer.preemption_signals(cfg))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-if __name__ == "__main__":
+def invoke_main(main_func=main) -> None:
+    """Run `main_func` (`main`; tests pass it with a seam) in the processes the command line asks
+    for, after checking that the datasets are on disk; exit with status 75 when training stopped
+    for preemption."""
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     cfg = load_config(args.config_file, args.opts)
@@ -75,5 +85,10 @@ if __name__ == "__main__":
         check_datasets_on_disk([*(cfg.DATASETS.TRAIN if reads_train else ()), *cfg.DATASETS.TEST])
     except MissingDatasetError as e:
         raise SystemExit(str(e))
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_preemptible(main_func, () if args.eval_only else Trainer.preemption_signals(cfg),
+                       args.num_gpus, num_machines=args.num_machines,
+                       machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()

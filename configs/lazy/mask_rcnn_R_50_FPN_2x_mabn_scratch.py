@@ -7,6 +7,7 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from mabn_det.engine import build_resumable_train_loader
 from mabn_det.lazy import as_mabn_model, mabn_norm
 from mabn_det.solver import mabn_optimizer_params
 
@@ -42,8 +43,13 @@ model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
 model.roi_heads.box_head.fc_dims = [1024]
 
 dataloader.train.total_batch_size = 16
+# The resumable data stream (Detectron2's loader arguments): a resume continues it exactly.
+dataloader.train._target_ = build_resumable_train_loader
 optimizer.lr = 0.02
 train.max_iter = 180000
 train.eval_period = 0  # evaluate once, at the end
 # tools/lazyconfig_train_net.py's own train keys (grad_accumulation_steps, mabn_log_period,
-# precise_bn; see mabn_det.engine.lazy_training) keep their defaults.
+# precise_bn, preemption_signals; see mabn_det.engine.lazy_training) keep their defaults. As the
+# YAML recipe: a checkpoint every 10k iterations, the last 3 kept (Detectron2's common/train.py
+# keeps 100), those of requeued runs included.
+train.checkpointer = dict(period=10000, max_to_keep=3)

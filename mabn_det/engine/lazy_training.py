@@ -12,15 +12,20 @@ as is):
   0 turns them off.
 - ``precise_bn`` (off): ``dict(enabled=True, num_iter=200)`` evaluates with MABN's running_var
   re-estimated over that many training batches (`precise_mabn_statistics`; training unchanged).
-- ``checkpointer.max_to_keep`` (Detectron2's PeriodicCheckpointer argument): periodic checkpoints
-  kept on disk.
+- ``checkpointer.max_to_keep`` (Detectron2's PeriodicCheckpointer argument; its
+  ``common/train.py`` sets 100, this repository's recipes 3): periodic checkpoints kept in the
+  output directory, those of the runs it resumed included (`RotatingCheckpointer`).
+- ``preemption_signals`` (["SIGUSR1"]): signals at which training stops after the current step
+  with a checkpoint to resume from, asks SLURM to requeue the job and exits with status 75
+  (`PreemptionCheckpointer`); [] turns this off.
 """
 import contextlib
 import copy
 import logging
+import signal
+from typing import List
 
 from detectron2.config import instantiate
-from detectron2.data import build_detection_train_loader
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
@@ -29,17 +34,15 @@ from ..config import MABN_LOG_PERIOD, check_training
 from ..lazy import target_callable
 from ..modeling import prepare_mabn_model
 from ..solver import mabn_optimizer_params
+from .checkpointing import parse_signals
 from .hooks import precise_mabn_statistics
 from .sampler import build_resumable_train_loader
 from .state import preserved_rng
 from .trainer import has_mabn, unwrap
 
-# The build_detection_train_loader arguments that build_resumable_train_loader takes too.
-_RESUMABLE_ARGUMENTS = {"dataset", "mapper", "sampler", "total_batch_size",
-                        "aspect_ratio_grouping", "num_workers", "collate_fn"}
-
 __all__ = ["accumulation_steps", "build_lazy_model", "build_lazy_optimizer",
-           "build_lazy_train_loader", "check_lazy_training", "evaluate_lazy", "mabn_log_period"]
+           "build_lazy_train_loader", "check_lazy_training", "evaluate_lazy", "mabn_log_period",
+           "preemption_signals"]
 
 
 def accumulation_steps(cfg) -> int:
@@ -67,6 +70,16 @@ def check_lazy_training(cfg) -> None:
         log_period=("train.mabn_log_period", mabn_log_period(cfg)))
 
 
+def preemption_signals(cfg) -> List[signal.Signals]:
+    """The signals of ``train.preemption_signals`` (["SIGUSR1"] when absent).
+
+    Raises:
+        ValueError: naming the key and the name that is not a catchable signal.
+    """
+    return parse_signals(cfg.train.get("preemption_signals", ["SIGUSR1"]),
+                         "train.preemption_signals")
+
+
 def build_lazy_model(cfg):
     """``cfg.model`` instantiated, through `prepare_mabn_model`, on ``train.device``."""
     model = prepare_mabn_model(instantiate(cfg.model))
@@ -87,11 +100,13 @@ def build_lazy_optimizer(cfg, model):
 
 
 def build_lazy_train_loader(cfg, seed: int, start_iter: int = 0, *, num_workers=None):
-    """Micro-batches of total_batch_size / grad_accumulation_steps images (all processes
-    together) from iteration `start_iter` of the data stream of `seed`
-    (`build_resumable_train_loader`), when ``dataloader.train`` is a
-    `build_detection_train_loader` with no sampler of its own and no other arguments; otherwise
-    ``dataloader.train`` as it is written (a resume then restarts its stream).
+    """``dataloader.train`` in micro-batches of total_batch_size / grad_accumulation_steps images
+    (all processes together).
+
+    When its ``_target_`` is `build_resumable_train_loader` (as in this repository's recipes), the
+    batches are the data stream of `seed` from iteration `start_iter` on; any other loader
+    (Detectron2's `build_detection_train_loader`, say) is built as written, and a resume
+    restarts its stream.
 
     Args:
         num_workers: overrides ``dataloader.train.num_workers`` when given.
@@ -102,11 +117,10 @@ def build_lazy_train_loader(cfg, seed: int, start_iter: int = 0, *, num_workers=
     kwargs["total_batch_size"] //= steps
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    if (target_callable(node._target_) is not build_detection_train_loader
-            or kwargs.get("sampler") is not None or not set(kwargs) <= _RESUMABLE_ARGUMENTS):
-        return target_callable(node._target_)(**kwargs)
-    kwargs.pop("sampler", None)
-    return build_resumable_train_loader(**kwargs, seed=seed, start_batch=start_iter * steps)
+    build = target_callable(node._target_)
+    if build is build_resumable_train_loader:
+        kwargs.update(seed=seed, start_batch=start_iter * steps)
+    return build(**kwargs)
 
 
 def evaluate_lazy(cfg, model, seed: int):

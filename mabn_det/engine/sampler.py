@@ -104,18 +104,27 @@ def _as_list(batch: list) -> list:
 
 
 def build_resumable_train_loader(dataset: List[dict], mapper: Callable[[dict], dict], *,
-                                 total_batch_size: int, seed: int, start_batch: int = 0,
-                                 aspect_ratio_grouping: bool = True, num_workers: int = 0,
+                                 total_batch_size: int, seed: int | None = None,
+                                 start_batch: int = 0, aspect_ratio_grouping: bool = True,
+                                 num_workers: int = 0,
                                  collate_fn: Callable | None = None) -> DataLoader:
-    """Detectron2's training loader (the arguments of `build_detection_train_loader`) whose
-    stream is `ResumableBatches` of `seed` from batch `start_batch` on, each image mapped with
-    generators seeded by its stream position. So the batches, and their augmentations, do not
-    depend on where the stream was (re)started nor on `num_workers`.
+    """Detectron2's training loader (the arguments of `build_detection_train_loader`, but the
+    sampler) whose stream is `ResumableBatches` of `seed` from batch `start_batch` on, each image
+    mapped with generators seeded by its stream position. So the batches, and their
+    augmentations, do not depend on where the stream was (re)started nor on `num_workers`.
+
+    It is what ``DATALOADER.SAMPLER_TRAIN: "ResumableTrainingSampler"`` names (for the Trainer),
+    and a LazyConfig's ``dataloader.train._target_`` (tools/lazyconfig_train_net.py passes the
+    seed and start).
 
     Args:
         dataset: the dataset's records (list[dict]).
         total_batch_size: images per batch, all processes together.
+        seed: the stream's seed, shared by all processes; None draws one
+            (`shared_data_seed`, a collective).
     """
+    if seed is None:
+        seed = shared_data_seed(-1)
     world_size = comm.get_world_size()
     if total_batch_size % world_size:
         raise ValueError(f"the total batch size ({total_batch_size}) must be divisible by the "

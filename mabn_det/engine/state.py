@@ -112,7 +112,13 @@ class ProcessStates(HookBase):
         next_iter = self.trainer.iter + 1
         if next_iter == self.trainer.max_iter or any(next_iter % p == 0 for p in self._periods):
             average_mabn_statistics(self._model)
-            self._gathered = (self.trainer.iter, comm.gather(self._own_state()))
+            self.gather()
+
+    def gather(self) -> None:
+        """Gather every process's buffers and random-generator states, as they are now, for a
+        checkpoint of this iteration (`state_dict`). Every process must call it (a collective);
+        `after_step` does at the iterations of `periods`."""
+        self._gathered = (self.trainer.iter, comm.gather(self._own_state()))
 
     def state_dict(self) -> dict:
         """The data seed and, when gathered at this iteration, every process's state (in rank

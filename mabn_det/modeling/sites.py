@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 
-from ..config import get_key, mabn_norm_keys, mabn_settings, set_key
+from ..config import RESUMABLE_SAMPLER, get_key, mabn_norm_keys, mabn_settings, set_key
 
 __all__ = ["MABNSite", "check_mabn_config", "mabn_site", "stock_inference_config",
            "supported_norm_keys"]
@@ -111,8 +111,9 @@ def stock_inference_config(cfg: CfgNode) -> CfgNode:
 
     Every NORM "MABN" becomes the `inference_norm` of the modules that read it ("FrozenBN"; "BN"
     for MODEL.RETINANET.NORM, evaluated in eval mode) and every mabn_det name its stock
-    counterpart; the keys that `add_mabn_config` added are removed. Weights converted by
-    `mabn_det.layers.convert_to_inference_form` load into the model it builds.
+    counterpart (`RESUMABLE_SAMPLER` "TrainingSampler"); the keys that `add_mabn_config` added are
+    removed. Weights converted by `mabn_det.layers.convert_to_inference_form` load into the model
+    it builds.
     """
     stock = cfg.clone()
     stock.defrost()
@@ -125,7 +126,10 @@ def stock_inference_config(cfg: CfgNode) -> CfgNode:
         name = get_key(stock, name_key)
         if name in _SITES:
             set_key(stock, name_key, _SITES[name].stock)
+    if stock.DATALOADER.SAMPLER_TRAIN == RESUMABLE_SAMPLER:
+        stock.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     del stock.MODEL["MABN"]
     del stock.SOLVER["GRAD_ACCUMULATION_STEPS"]
     del stock.SOLVER["CHECKPOINT_MAX_TO_KEEP"]
+    del stock.SOLVER["PREEMPTION_SIGNALS"]
     return stock

@@ -6,10 +6,47 @@ import sys
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
+from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluator,
+                                   SemSegEvaluator)
 
 from mabn_det.engine import Trainer
+from mabn_det.engine import evaluation
 from tests.common import REPO, make_cfg
+
+# The evaluators Detectron2's tools/train_net.py gives each evaluator_type (its build_evaluator).
+UPSTREAM_EVALUATORS = {
+    "coco": {"COCOEvaluator"},
+    "coco_panoptic_seg": {"SemSegEvaluator", "COCOEvaluator", "COCOPanopticEvaluator"},
+    "sem_seg": {"SemSegEvaluator"},
+    "lvis": {"LVISEvaluator"},
+    "pascal_voc": {"PascalVOCDetectionEvaluator"},
+    "cityscapes_instance": {"CityscapesInstanceEvaluator"},
+    "cityscapes_sem_seg": {"CityscapesSemSegEvaluator"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UPSTREAM_EVALUATORS))
+def test_every_evaluator_type_of_detectron2_gets_its_evaluators(kind, monkeypatch, tmp_path):
+    """Recorded, not built: the real evaluators read each dataset's files when constructed."""
+    built = []
+    for cls in {name for names in UPSTREAM_EVALUATORS.values() for name in names}:
+        monkeypatch.setattr(evaluation, cls, lambda name, tasks=None, *args, cls=cls, **kwargs: (
+            built.append((cls, name, kwargs.get("output_dir"), tasks)) or DatasetEvaluator()))
+    name = f"tiny_{kind}_eval"
+    MetadataCatalog.get(name).set(evaluator_type=kind)
+    Trainer.build_evaluator(make_cfg(), name, str(tmp_path))
+    assert {cls for cls, *_ in built} == UPSTREAM_EVALUATORS[kind]
+    assert all(dataset == name and out in (None, str(tmp_path)) for _, dataset, out, _ in built)
+    # COCO AP of boxes and masks (MASK_ON) even when nothing is predicted, as LVIS's.
+    assert all(tasks == ("bbox", "segm") for cls, _, _, tasks in built
+               if cls in ("COCOEvaluator", "LVISEvaluator"))
+
+
+def test_an_unknown_evaluator_type_is_named():
+    MetadataCatalog.get("tiny_unknown_eval").set(evaluator_type="kitti")
+    with pytest.raises(ValueError, match="dataset 'tiny_unknown_eval' of evaluator_type 'kitti'; "
+                                         "expected one of 'coco', "):
+        Trainer.build_evaluator(make_cfg(), "tiny_unknown_eval")
 
 
 def test_panoptic_datasets_get_panoptic_semantic_and_coco_evaluators(tiny_coco, tmp_path):

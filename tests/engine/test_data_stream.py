@@ -1,13 +1,17 @@
 """The training data stream restarts at any batch with the same batches and augmentations, with
-or without loader workers, and groups images by orientation."""
+or without loader workers, and groups images by orientation; it has its own sampler name."""
 import itertools
 import random
 
 import numpy as np
 import pytest
 import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.data.datasets import register_coco_instances
 
+from mabn_det.engine import Trainer
 from mabn_det.engine.sampler import ResumableBatches, build_resumable_train_loader
+from tests.common import make_cfg, train_opts
 
 # Odd records are landscape, even ones portrait.
 RECORDS = [{"image_id": i, "width": 60 + 10 * (i % 2), "height": 64} for i in range(7)]
@@ -47,3 +51,24 @@ def test_loader_restarts_with_the_same_augmentations(num_workers):
     # Mapping in this process leaves its generators as they were.
     assert torch.equal(before[0], torch.get_rng_state())
     assert np.array_equal(before[1], np.random.get_state()[1]) and before[2] == random.getstate()
+
+
+def _image_ids(loader, count):
+    return [record["image_id"] for batch in itertools.islice(loader, count) for record in batch]
+
+
+def test_the_sampler_names_mean_detectron2s_samplers_and_ours(tiny_coco, tmp_path):
+    """"TrainingSampler" is Detectron2's (the same stream as its own loader gives, without a
+    resume position); "ResumableTrainingSampler", which our configs set, is the resumable stream."""
+    register_coco_instances("tiny_samplers", {}, *tiny_coco)
+    ours = make_cfg(opts=train_opts(str(tmp_path), "tiny_samplers", **{"SOLVER.IMS_PER_BATCH": 1}))
+    assert ours.DATALOADER.SAMPLER_TRAIN == "ResumableTrainingSampler"
+    assert isinstance(Trainer.build_train_loader(ours).batch_sampler, ResumableBatches)
+
+    stock = ours.clone()
+    stock.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    streams = []
+    for build in (Trainer.build_train_loader, build_detection_train_loader):
+        np.random.seed(3)  # Detectron2's TrainingSampler draws its seed from numpy
+        streams.append(_image_ids(build(stock), 8))
+    assert streams[0] == streams[1]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from detectron2.data.datasets import register_coco_instances
 from detectron2.utils import comm
 
 from mabn_det.engine import Trainer
@@ -23,12 +25,24 @@ def _register(tiny_coco, name="tiny_train"):
     return ["--register-coco", name, *tiny_coco]
 
 
-def test_a_cpu_model_in_several_processes_is_refused_clearly(monkeypatch, tmp_path):
+@pytest.fixture
+def process_group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddps_refusal_of_a_cpu_model_is_explained(process_group_of_one, tiny_coco, monkeypatch,
+                                                  tmp_path):
     """Detectron2's DefaultTrainer gives DDP device_ids, which DDP refuses for CPU models
-    (tests/engine/test_multi_process.py trains on CPU in 2 processes with the LazyConfig tool)."""
+    (tests/engine/test_multi_process.py trains on CPU in 2 processes through a test-only seam)."""
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="cannot train MODEL.DEVICE 'cpu' in 2 processes"):
-        Trainer(make_cfg(opts=train_opts(str(tmp_path))))
+    monkeypatch.setattr(comm, "get_local_rank", lambda: 0)
+    register_coco_instances("tiny_refused", {}, *tiny_coco)
+    with pytest.raises(ValueError, match="cannot train MODEL.DEVICE 'cpu' in 2 processes") as e:
+        Trainer(make_cfg(opts=train_opts(str(tmp_path), "tiny_refused")))
+    assert "device_ids" in str(e.value.__cause__)  # DDP's own error, explained
 
 
 def test_resume_equals_uninterrupted_training(tiny_coco, tmp_path):
