@@ -74,8 +74,9 @@ def describe_machine() -> str:
 
 
 # How long `commit_files` waits for another git process (another helper's merge, a second study
-# process) to release the repository's index.
-GIT_LOCK_TIMEOUT_S = 600.0
+# process) to release the repository's index, or for a merge in progress to end.
+GIT_LOCK_TIMEOUT_S = 3600.0
+_BUSY_MARKERS = ("index.lock", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REBASE_HEAD")
 
 
 def commit_files(paths: Sequence[str], message: str,
@@ -83,8 +84,9 @@ def commit_files(paths: Sequence[str], message: str,
     """`git add` and `git commit` exactly `paths` in the repository that holds them, nothing else.
 
     `git commit -- paths` commits only the given paths, even when the index holds other staged
-    changes, which stay staged. While another git process holds `.git/index.lock`, waits and
-    retries (up to `lock_timeout_s`).
+    changes, which stay staged. While another git process holds `.git/index.lock`, or a merge,
+    cherry-pick or rebase is in progress (git refuses a partial commit then), waits and retries
+    (up to `lock_timeout_s`).
 
     Args:
         paths: files inside one git work tree.
@@ -101,7 +103,7 @@ def commit_files(paths: Sequence[str], message: str,
     git_dir = _git(repo, "rev-parse", "--absolute-git-dir").stdout.strip()
     deadline = time.monotonic() + lock_timeout_s
     while True:
-        if not os.path.exists(os.path.join(git_dir, "index.lock")):
+        if not any(os.path.exists(os.path.join(git_dir, name)) for name in _BUSY_MARKERS):
             added = _git(repo, "add", "--", *paths, check=False)
             changed = _git(repo, "diff", "--cached", "--quiet", "--", *paths, check=False)
             if added.returncode == 0 and changed.returncode == 0:
@@ -114,8 +116,8 @@ def commit_files(paths: Sequence[str], message: str,
             if "index.lock" not in added.stderr:
                 raise RuntimeError(f"git failed in {repo}: {added.stderr.strip()}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{git_dir}/index.lock was held for over {lock_timeout_s:.0f} s; "
-                               f"not committed: {', '.join(paths)}")
+            raise RuntimeError(f"{git_dir} was busy ({', '.join(_BUSY_MARKERS)}) for over "
+                               f"{lock_timeout_s:.0f} s; not committed: {', '.join(paths)}")
         time.sleep(2.0)
 
 

@@ -147,12 +147,13 @@ def test_commit_takes_exactly_the_given_files(tmp_path):
     assert not commit_files(paths, "nothing changed")  # already committed: no empty commit
 
 
-def test_commit_waits_for_the_index_lock(tmp_path):
+@pytest.mark.parametrize("marker", ["index.lock", "MERGE_HEAD"])
+def test_commit_waits_while_git_is_busy(tmp_path, marker):
+    """Another git process holds the index, or a merge is in progress (no partial commit then)."""
     git(tmp_path, "init", "-q")
     (tmp_path / "a.txt").write_text("a")
-    lock = tmp_path / ".git" / "index.lock"
-    lock.write_text("")
-    with pytest.raises(RuntimeError, match="index.lock was held"):
+    (tmp_path / ".git" / marker).write_text("")
+    with pytest.raises(RuntimeError, match=r"was busy \(index.lock, MERGE_HEAD"):
         commit_files([str(tmp_path / "a.txt")], "m", lock_timeout_s=0.1)
 
 
