@@ -235,15 +235,13 @@ def check_config(shape, dtype, layout, device: str = "cuda", replays: int = REPL
                  graph: bool = True) -> dict:
     """The checks of section 2 for one input (on the CPU only under TRITON_INTERPRET=1, for the
     tests of this script: no CUDA graph there)."""
-    from mabn_det.layers import mabn_triton
-
     tri, ref = steady_layer(shape[1], "triton", device), steady_layer(shape[1], "torch", device)
     x, dy = inputs(shape, dtype, layout, device)
     saved = {k: v.clone() for k, v in tri.state_dict().items()}
     first = train_step(tri, x, dy)
     after = {k: v.clone() for k, v in tri.state_dict().items()}
     out, failures = {}, []
-    tickets = mabn_triton.tickets(tri, x.device)
+    tickets = tri._triton_tickets
     repeated, tickets_ok, iteration_ok = 0, True, True
     for _ in range(replays):
         tri.load_state_dict(saved)

@@ -128,11 +128,11 @@ def _record_and_average(ring_ptr, m, slot, C, cs, cmask, value,
 
 @triton.jit
 def _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr, chi_ptr,
-                    running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, m, warmup_iters,
-                    renorm_after, eps, momentum, clip,
+                    running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr, m,
+                    warmup_iters, renorm_after, eps, momentum, clip,
                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CT: tl.constexpr):
     """The channels `cs` of one tile, then (last tile) the counters.
-    stats rows: 0 s², 1 r, 2 a = γ·r/√(s²+ε), 3 b = β."""
+    stats rows: 0 s², 1 r, 2 a = γ·r/√(s²+ε), 3 b = β; r also into the module's last_renorm."""
     cmask = cs < C
     # Read before this tile's layer ticket; the counter is written only after the last one.
     t = tl.load(iter_ptr) + 1
@@ -154,6 +154,7 @@ def _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr
     beta = tl.load(bias_ptr + cs, mask=cmask, other=0.0)
     tl.store(stats_ptr + cs, var, mask=cmask)
     tl.store(stats_ptr + C + cs, r, mask=cmask)
+    tl.store(renorm_ptr + cs, r, mask=cmask)
     tl.store(stats_ptr + 2 * C + cs, (gamma * r) * (1.0 / tl.sqrt(var + eps)), mask=cmask)
     tl.store(stats_ptr + 3 * C + cs, beta, mask=cmask)
     last, any_bad = _layer_is_complete(ticket_ptr, tl.max(bad.to(tl.int32), axis=0))
@@ -211,7 +212,7 @@ def _nchw_offsets(tile, c, N, C, HW, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constex
 
 @triton.jit
 def _fwd_reduce_nchw(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr, running_ptr,
-                     skip_ptr, weight_ptr, bias_ptr, stats_ptr,
+                     skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr,
                      N, C, HW_Q, S, count, m, warmup_iters, renorm_after, eps, momentum, clip,
                      ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -227,13 +228,14 @@ def _fwd_reduce_nchw(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr
     if _tile_is_complete(ticket_ptr, c, S):
         _forward_update(partial_ptr, ticket_ptr, S, C, c + tl.arange(0, 1), count, iter_ptr,
                         step_ptr, chi_ptr, running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr,
-                        m, warmup_iters, renorm_after, eps, momentum, clip, BLOCK_S, BLOCK_M, 1)
+                        renorm_ptr, m, warmup_iters, renorm_after, eps, momentum, clip, BLOCK_S,
+                        BLOCK_M, 1)
         tl.atomic_xchg(ticket_ptr + 1 + c, 0)
 
 
 @triton.jit
 def _fwd_reduce_nhwc(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr, running_ptr,
-                     skip_ptr, weight_ptr, bias_ptr, stats_ptr,
+                     skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr,
                      R, C, S, count, m, warmup_iters, renorm_after, eps, momentum, clip,
                      BLOCK_R: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_M: tl.constexpr):
@@ -251,8 +253,9 @@ def _fwd_reduce_nhwc(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr
     tl.store(partial_ptr + split * C + cs, tl.sum(acc, axis=0), mask=cs < C)
     if _tile_is_complete(ticket_ptr, ct, S):
         _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr, chi_ptr,
-                        running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, m, warmup_iters,
-                        renorm_after, eps, momentum, clip, BLOCK_S, BLOCK_M, BLOCK_CT)
+                        running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr, m,
+                        warmup_iters, renorm_after, eps, momentum, clip, BLOCK_S, BLOCK_M,
+                        BLOCK_CT)
         tl.atomic_xchg(ticket_ptr + 1 + ct, 0)
 
 
@@ -465,25 +468,14 @@ def supports(module, x: torch.Tensor) -> bool:
     if x.shape[1] > MAX_CHANNELS:
         return False
     tensors = (module.weight, module.bias, module.chi_buffer, module.psi_buffer,
-               module.running_var)
-    return all(t.dtype == torch.float32 and t.device == x.device for t in tensors)
+               module.running_var, module.last_renorm)
+    return (all(t.dtype == torch.float32 and t.device == x.device for t in tensors)
+            and module._triton_tickets.device == x.device)
 
 
 def _dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
-def tickets(module, device: torch.device) -> torch.Tensor:
-    """The int32 tickets of a module on a device, zero between launches: row 0 for K1, row 1 for
-    K3; in each, the layer's ticket and then one per channel tile (at most C). Rows are padded to
-    16 bytes, so that both start as aligned as the kernels were compiled for."""
-    store = module.__dict__.setdefault("_triton_tickets", {})
-    ticket = store.get(device)
-    if ticket is None:
-        width = 4 * triton.cdiv(1 + module.num_features, 4)
-        ticket = store[device] = torch.zeros(2, width, dtype=torch.int32, device=device)
-    return ticket
 
 
 class _MABNTritonFunction(torch.autograd.Function):
@@ -503,9 +495,9 @@ class _MABNTritonFunction(torch.autograd.Function):
                       renorm_after=max(module.renorm_warmup_iters, module.warmup_iters),
                       eps=module.eps, momentum=module.momentum, clip=module.renorm_clip,
                       **REDUCE_OPTIONS, **plan.reduce_blocks)
-        buffers = (partials, tickets(module, x.device)[0], module.iteration, step,
+        buffers = (partials, module._triton_tickets[0], module.iteration, step,
                    module.chi_buffer, module.running_var, module.skipped_forward_stats, weight,
-                   bias, stats)
+                   bias, stats, module.last_renorm)
         y = torch.empty_like(x)
         affine = dict(HAS_V=False, **ELEMENTWISE_OPTIONS, **plan.elementwise_blocks)
         if channels_last:
@@ -517,7 +509,6 @@ class _MABNTritonFunction(torch.autograd.Function):
             _scale_add_nchw[plan.elementwise_grid](x, x, y, stats[2], n * c, c, hw_q, **affine)
         ctx.save_for_backward(x, weight, stats, step)
         ctx.plan, ctx.module = plan, module
-        module.last_renorm = stats[1]
         return y
 
     @staticmethod
@@ -532,7 +523,7 @@ class _MABNTritonFunction(torch.autograd.Function):
         common = dict(count=float(n * h * w), m=module.buffer_size,
                       warmup_iters=module.warmup_iters, eps=module.eps, **REDUCE_OPTIONS,
                       **plan.reduce_blocks)
-        buffers = (partials, tickets(module, x.device)[1], step, stats, weight,
+        buffers = (partials, module._triton_tickets[1], step, stats, weight,
                    module.psi_buffer, module.skipped_backward_stats, out)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dx = dict(HAS_V=True, **ELEMENTWISE_OPTIONS, **plan.elementwise_blocks)

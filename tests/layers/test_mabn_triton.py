@@ -161,7 +161,8 @@ def test_triton_path_is_chosen_for_cuda_only_when_asked(kernel, expected, monkey
     # The layer's tensors as if moved to the GPU (supports() reads their dtype and device).
     on_gpu = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda", 0))
     gpu_layer = types.SimpleNamespace(weight=on_gpu, bias=on_gpu, chi_buffer=on_gpu,
-                                      psi_buffer=on_gpu, running_var=on_gpu)
+                                      psi_buffer=on_gpu, running_var=on_gpu, last_renorm=on_gpu,
+                                      _triton_tickets=on_gpu)
     real_supports = mabn_triton.supports
     monkeypatch.setattr(mabn_triton, "supports", lambda module, x: real_supports(gpu_layer, x))
     assert layer._uses_triton(_fake_cuda_input()) is expected
