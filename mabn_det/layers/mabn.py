@@ -11,6 +11,7 @@ on a tensor value, so a training step never waits for the device. The PyTorch pa
 per step: constants live in buffers, the non-finite guards are comparisons against per-slot limits,
 and a ring's write and mean take one op each (see docs/benchmarks.md for the count).
 """
+import contextlib
 import math
 import os
 from typing import NamedTuple, Tuple
@@ -73,7 +74,9 @@ def record(ring: torch.Tensor, value: torch.Tensor, magnitude: torch.Tensor,
     torch.where(written, value, ring, out=ring)
     skip_counter.add_(torch.count_nonzero(written).lt_(value.shape[0]))
     # A matrix-vector product is the mean in one op; autocast would run it in half precision.
-    with torch.autocast(ring.device.type, enabled=False):
+    device = ring.device.type
+    with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
+          else contextlib.nullcontext()):
         return torch.mv(ring.t(), mean_weights)
 
 
