@@ -12,17 +12,22 @@ would each be a kernel on a GPU).
     python benchmarks/bench_layers.py --device cuda   # R50-FPN shapes, 2 images of 800×1216
     python benchmarks/bench_layers.py --device cuda --kernel triton   # MABN2d's Triton path only
     python benchmarks/bench_layers.py --markdown output/bench_layers.md  # also as a Markdown file
+    python benchmarks/bench_layers.py --clock cpu     # CPU time of one thread: for a busy machine
 
-MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one).
+MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one). On CPU it
+also prints the ATen ops of one forward+backward counted both ways of benchmarks/launch_count.py.
+To compare with another version of the layer, run this same script with that version first on
+PYTHONPATH (e.g. a `git worktree` of an older commit).
 """
 import argparse
+import time
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 import common
-from launch_count import count_launches
+from launch_count import count_launches, cpu_ops
 from mabn_det.layers import MABN2d
 
 CPU_SHAPES = {"(2,256,64,64)": (2, 256, 64, 64), "(2,64,128,128)": (2, 64, 128, 128),
@@ -85,8 +90,32 @@ def _layers(channels: int, kernels: List[str]) -> Dict[str, nn.Module]:
     return layers
 
 
+def op_counts(channels: int = 32) -> str:
+    """Markdown: the ATen ops of one forward+backward on CPU, as issue #30 counted them (leaf
+    ops, gradients accumulating into existing .grad) and as ops that do work (fresh .grad)."""
+    rows = []
+    x = torch.randn(2, channels, 5, 6, requires_grad=True)
+    dy = torch.randn_like(x)
+    for name, layer in _layers(channels, ["torch"]).items():
+        counts = []
+        for how, accumulate in (("leaf", True), ("work", False)):
+            def step():
+                if not accumulate:
+                    x.grad = None
+                    layer.zero_grad(set_to_none=True)
+                layer(x).backward(dy)
+
+            for _ in range(3):
+                step()
+            counts.append(len(cpu_ops(step, how)))
+        rows.append([name] + counts)
+    return common.markdown_table(["layer", "leaf ops (issue #30's count)", "ops that do work"],
+                                 rows)
+
+
 def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channels_last: bool,
-                repeats: int, kernels: List[str]) -> Dict[str, Tuple[float, int]]:
+                repeats: int, kernels: List[str],
+                clock=time.perf_counter) -> Dict[str, Tuple[float, int]]:
     """(seconds, kernel launches) per forward+backward of each layer at `shape`."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=memory_format)
@@ -105,20 +134,20 @@ def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channel
                 y = layer(x)
             y.backward(dy.to(y.dtype))
 
-        seconds = common.median_seconds(step, repeats, common.synchronizer(device))
+        seconds = common.median_seconds(step, repeats, common.synchronizer(device), clock=clock)
         result[name] = seconds, count_launches(step, device)
     return result
 
 
 def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
-          formats: List[bool], repeats: int, kernels: List[str]) -> str:
+          formats: List[bool], repeats: int, kernels: List[str], clock=time.perf_counter) -> str:
     """Markdown: BatchNorm2d's ms and every other layer's time as a multiple of it."""
     names = list(_layers(32, kernels))
     rows = []
     for label, shape in shapes.items():
         for dtype in dtypes:
             for channels_last in formats:
-                r = bench_shape(shape, device, dtype, channels_last, repeats, kernels)
+                r = bench_shape(shape, device, dtype, channels_last, repeats, kernels, clock)
                 bn_seconds, bn_launches = r["BatchNorm2d"]
                 rows.append([label, str(dtype).split(".")[-1], "NHWC" if channels_last else "NCHW",
                              f"{bn_seconds * 1e3:.2f} ({bn_launches})"]
@@ -132,6 +161,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
                         help="default: cpu, plus cuda when available")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: one torch thread, timed by its CPU time (CPU devices only)")
     parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
                         help="MABN2d implementation(s) to time; default: torch, plus triton on "
                              "CUDA (the Triton path runs on CUDA only)")
@@ -144,17 +175,24 @@ def main() -> None:
         if device != "cuda" and "triton" in kernels:
             print("\nMABN2d(kernel='triton') runs on CUDA only; timing its PyTorch path on CPU")
             kernels = ["torch"]
+        clock = time.perf_counter
         if device == "cuda":
             note = ("forward+backward, median of {}; (n) = kernel launches per forward+backward")
             shapes, dtypes, formats = (CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
                                        [False, True])
         else:
-            note = ("forward+backward, median of {}; (n) = ATen ops per forward+backward, each a "
-                    "kernel launch on a GPU")
+            note = ("forward+backward, median of {}; (n) = ATen ops that do work per "
+                    "forward+backward, each a kernel launch on a GPU")
             shapes, dtypes, formats = CPU_SHAPES, [torch.float32], [False]
+            if args.clock == "cpu":
+                torch.set_num_threads(1)
+                clock = time.thread_time
+                note += "; CPU time of one thread"
         lines += [f"{common.header(device)}; {note.format(args.repeats)}", "",
-                  table(device, shapes, dtypes, formats, args.repeats, kernels), ""]
-        print("\n" + "\n".join(lines[-4:]))
+                  table(device, shapes, dtypes, formats, args.repeats, kernels, clock), ""]
+        if device == "cpu":
+            lines += [op_counts(), ""]
+        print("\n" + "\n".join(lines[-6 if device == "cpu" else -4:]))
     common.write_markdown(args.markdown, "Forward+backward of one normalisation layer", lines)
 
 
