@@ -13,13 +13,19 @@ would each be a kernel on a GPU).
     python benchmarks/bench_layers.py --device cuda --kernel triton   # MABN2d's Triton path only
     python benchmarks/bench_layers.py --markdown output/bench_layers.md  # also as a Markdown file
     python benchmarks/bench_layers.py --clock cpu     # CPU time of one thread: for a busy machine
+    python benchmarks/bench_layers.py --baseline DIR  # MABN2d against DIR's (an older checkout)
 
 MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one). On CPU it
 also prints the ATen ops of one forward+backward counted both ways of benchmarks/launch_count.py.
-To compare with another version of the layer, run this same script with that version first on
-PYTHONPATH (e.g. a `git worktree` of an older commit).
+`--baseline DIR` times, on CPU, the MABN2d of another checkout (DIR/mabn_det, e.g. a `git worktree`
+of an older commit) against this one in the same process, their steps interleaved in small blocks
+and timed by one thread's CPU time, so that a busy machine slows both alike.
 """
 import argparse
+import importlib.util
+import os
+import statistics
+import sys
 import time
 from typing import Dict, List, Tuple
 
@@ -113,6 +119,51 @@ def op_counts(channels: int = 32) -> str:
                                  rows)
 
 
+def _baseline_mabn(checkout: str):
+    """MABN2d of another checkout, imported under another package name (its mabn.py and the
+    modules it imports relatively)."""
+    layers = os.path.join(checkout, "mabn_det", "layers")
+    spec = importlib.util.spec_from_file_location(
+        "baseline_layers", os.path.join(layers, "__init__.py"), submodule_search_locations=[layers])
+    package = importlib.util.module_from_spec(spec)  # not executed: only its submodules are used
+    sys.modules["baseline_layers"] = package
+    return importlib.import_module("baseline_layers.mabn").MABN2d
+
+
+def compare_with(checkout: str, shapes: Dict[str, Tuple[int, ...]], rounds: int,
+                 block: int = 4) -> str:
+    """Markdown: CPU time of one thread per forward+backward, DIR's MABN2d against this one."""
+    torch.set_num_threads(1)
+    versions = {"baseline": _baseline_mabn(checkout), "this": MABN2d}
+    rows = []
+    for label, shape in shapes.items():
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        times = {}
+        for name, cls in versions.items():
+            layer = cls(shape[1], warmup_iters=0, renorm_warmup_iters=0)
+
+            def step(layer=layer):
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                layer(x).backward(dy)
+
+            times[name] = (step, [])
+            for _ in range(3):
+                step()
+        for r in range(rounds):
+            for name in (list(times) if r % 2 == 0 else list(times)[::-1]):
+                step, taken = times[name]
+                for _ in range(block):
+                    start = time.thread_time()
+                    step()
+                    taken.append(time.thread_time() - start)
+        old, new = (statistics.median(times[n][1]) for n in versions)
+        rows.append([label, f"{old * 1e3:.3f}", f"{new * 1e3:.3f}", f"{new / old:.3f}"])
+    return common.markdown_table(["shape", "baseline (ms)", "this (ms)", "this / baseline"],
+                                 rows)
+
+
 def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channels_last: bool,
                 repeats: int, kernels: List[str],
                 clock=time.perf_counter) -> Dict[str, Tuple[float, int]]:
@@ -166,8 +217,18 @@ def main() -> None:
     parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
                         help="MABN2d implementation(s) to time; default: torch, plus triton on "
                              "CUDA (the Triton path runs on CUDA only)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="compare MABN2d with DIR's on CPU (and do nothing else)")
     common.add_markdown_argument(parser)
     args = parser.parse_args()
+    if args.baseline:
+        shapes = {**CPU_SHAPES, "(2,256,16,16)": (2, 256, 16, 16), "(2,64,8,8)": (2, 64, 8, 8)}
+        lines = [f"{common.header('cpu')}; forward+backward, CPU time of one thread, median of "
+                 f"{args.repeats * 4} steps each, interleaved; baseline: {args.baseline}", "",
+                 compare_with(args.baseline, shapes, args.repeats), ""]
+        print("\n".join(lines))
+        common.write_markdown(args.markdown, "MABN2d against a baseline", lines)
+        return
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = []
     for device in devices:
