@@ -81,7 +81,8 @@ class MABNDiagnostics(HookBase):
         return torch.maximum(ratio, 1.0 / ratio).max()
 
     def _statistics(self) -> Dict[str, float]:
-        trained = [m for _, m in self._layers if m.last_renorm is not None]
+        # last_renorm is 1 until a layer's first training step (a non-persistent buffer).
+        trained = [m for _, m in self._layers]
         if not trained:
             return {}
         renorm = torch.cat([m.last_renorm.float() for m in trained])
