@@ -29,13 +29,15 @@ test: setup
 demo: setup
 	$(PY) tools/demo.py
 
-# The GPU checks and measurements of benchmarks/gpu_check.py (about 8 minutes on one H100/H200):
-# with .venv's python when there is one, else python3 (the lent device machine has no .venv);
-# OUT=dir writes the report under dir/gpu_check instead of docs/gpu.
+# The GPU checks and measurements of benchmarks/gpu_check.py: QUICK=1 for the subset that fits
+# 4 minutes on a cold H100 (its own estimate), else everything (more than one 10-minute device
+# call: see the script's --sections and --budget). With .venv's python when there is one, else
+# python3 (the lent device machine has no .venv); OUT=dir writes the report under dir/gpu_check
+# instead of docs/gpu.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 .PHONY: gpu-check
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py $(if $(OUT),--output $(OUT)/gpu_check)
+	$(GPU_PY) benchmarks/gpu_check.py $(if $(OUT),--output $(OUT)/gpu_check) $(if $(QUICK),--quick)
 
 # Wheels the lent GPU machine lacks, into .whl/ (carry it in the device call, see
 # benchmarks/gpu_check.py): those of the shared device-prep script, plus tqdm and portalocker, which

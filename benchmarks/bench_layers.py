@@ -12,17 +12,28 @@ would each be a kernel on a GPU).
     python benchmarks/bench_layers.py --device cuda   # R50-FPN shapes, 2 images of 800×1216
     python benchmarks/bench_layers.py --device cuda --kernel triton   # MABN2d's Triton path only
     python benchmarks/bench_layers.py --markdown output/bench_layers.md  # also as a Markdown file
+    python benchmarks/bench_layers.py --clock cpu     # CPU time of one thread: for a busy machine
+    python benchmarks/bench_layers.py --baseline DIR  # MABN2d against DIR's (an older checkout)
 
-MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one).
+MABN2d runs with kernel="torch" and, on CUDA, kernel="triton" (`--kernel` picks one). On CPU it
+also prints the ATen ops of one forward+backward counted both ways of benchmarks/launch_count.py.
+`--baseline DIR` times, on CPU, the MABN2d of another checkout (DIR/mabn_det, e.g. a `git worktree`
+of an older commit) against this one in the same process, their steps interleaved in small blocks
+and timed by one thread's CPU time, so that a busy machine slows both alike.
 """
 import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 import common
-from launch_count import count_launches
+from launch_count import count_launches, cpu_ops
 from mabn_det.layers import MABN2d
 
 CPU_SHAPES = {"(2,256,64,64)": (2, 256, 64, 64), "(2,64,128,128)": (2, 64, 128, 128),
@@ -85,8 +96,77 @@ def _layers(channels: int, kernels: List[str]) -> Dict[str, nn.Module]:
     return layers
 
 
+def op_counts(channels: int = 32) -> str:
+    """Markdown: the ATen ops of one forward+backward on CPU, as issue #30 counted them (leaf
+    ops, gradients accumulating into existing .grad) and as ops that do work (fresh .grad)."""
+    rows = []
+    x = torch.randn(2, channels, 5, 6, requires_grad=True)
+    dy = torch.randn_like(x)
+    for name, layer in _layers(channels, ["torch"]).items():
+        counts = []
+        for how, accumulate in (("leaf", True), ("work", False)):
+            def step():
+                if not accumulate:
+                    x.grad = None
+                    layer.zero_grad(set_to_none=True)
+                layer(x).backward(dy)
+
+            for _ in range(3):
+                step()
+            counts.append(len(cpu_ops(step, how)))
+        rows.append([name] + counts)
+    return common.markdown_table(["layer", "leaf ops (issue #30's count)", "ops that do work"],
+                                 rows)
+
+
+def _baseline_mabn(checkout: str):
+    """MABN2d of another checkout, imported under another package name (its mabn.py and the
+    modules it imports relatively)."""
+    layers = os.path.join(checkout, "mabn_det", "layers")
+    spec = importlib.util.spec_from_file_location(
+        "baseline_layers", os.path.join(layers, "__init__.py"), submodule_search_locations=[layers])
+    package = importlib.util.module_from_spec(spec)  # not executed: only its submodules are used
+    sys.modules["baseline_layers"] = package
+    return importlib.import_module("baseline_layers.mabn").MABN2d
+
+
+def compare_with(checkout: str, shapes: Dict[str, Tuple[int, ...]], rounds: int,
+                 block: int = 4) -> str:
+    """Markdown: CPU time of one thread per forward+backward, DIR's MABN2d against this one."""
+    torch.set_num_threads(1)
+    versions = {"baseline": _baseline_mabn(checkout), "this": MABN2d}
+    rows = []
+    for label, shape in shapes.items():
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        times = {}
+        for name, cls in versions.items():
+            layer = cls(shape[1], warmup_iters=0, renorm_warmup_iters=0)
+
+            def step(layer=layer):
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                layer(x).backward(dy)
+
+            times[name] = (step, [])
+            for _ in range(3):
+                step()
+        for r in range(rounds):
+            for name in (list(times) if r % 2 == 0 else list(times)[::-1]):
+                step, taken = times[name]
+                for _ in range(block):
+                    start = time.thread_time()
+                    step()
+                    taken.append(time.thread_time() - start)
+        old, new = (statistics.median(times[n][1]) for n in versions)
+        rows.append([label, f"{old * 1e3:.3f}", f"{new * 1e3:.3f}", f"{new / old:.3f}"])
+    return common.markdown_table(["shape", "baseline (ms)", "this (ms)", "this / baseline"],
+                                 rows)
+
+
 def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channels_last: bool,
-                repeats: int, kernels: List[str]) -> Dict[str, Tuple[float, int]]:
+                repeats: int, kernels: List[str],
+                clock=time.perf_counter) -> Dict[str, Tuple[float, int]]:
     """(seconds, kernel launches) per forward+backward of each layer at `shape`."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=memory_format)
@@ -105,20 +185,20 @@ def bench_shape(shape: Tuple[int, ...], device: str, dtype: torch.dtype, channel
                 y = layer(x)
             y.backward(dy.to(y.dtype))
 
-        seconds = common.median_seconds(step, repeats, common.synchronizer(device))
+        seconds = common.median_seconds(step, repeats, common.synchronizer(device), clock=clock)
         result[name] = seconds, count_launches(step, device)
     return result
 
 
 def table(device: str, shapes: Dict[str, Tuple[int, ...]], dtypes: List[torch.dtype],
-          formats: List[bool], repeats: int, kernels: List[str]) -> str:
+          formats: List[bool], repeats: int, kernels: List[str], clock=time.perf_counter) -> str:
     """Markdown: BatchNorm2d's ms and every other layer's time as a multiple of it."""
     names = list(_layers(32, kernels))
     rows = []
     for label, shape in shapes.items():
         for dtype in dtypes:
             for channels_last in formats:
-                r = bench_shape(shape, device, dtype, channels_last, repeats, kernels)
+                r = bench_shape(shape, device, dtype, channels_last, repeats, kernels, clock)
                 bn_seconds, bn_launches = r["BatchNorm2d"]
                 rows.append([label, str(dtype).split(".")[-1], "NHWC" if channels_last else "NCHW",
                              f"{bn_seconds * 1e3:.2f} ({bn_launches})"]
@@ -132,11 +212,23 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
                         help="default: cpu, plus cuda when available")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: one torch thread, timed by its CPU time (CPU devices only)")
     parser.add_argument("--kernel", choices=["torch", "triton"], action="append",
                         help="MABN2d implementation(s) to time; default: torch, plus triton on "
                              "CUDA (the Triton path runs on CUDA only)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="compare MABN2d with DIR's on CPU (and do nothing else)")
     common.add_markdown_argument(parser)
     args = parser.parse_args()
+    if args.baseline:
+        shapes = {**CPU_SHAPES, "(2,256,16,16)": (2, 256, 16, 16), "(2,64,8,8)": (2, 64, 8, 8)}
+        lines = [f"{common.header('cpu')}; forward+backward, CPU time of one thread, median of "
+                 f"{args.repeats * 4} steps each, interleaved; baseline: {args.baseline}", "",
+                 compare_with(args.baseline, shapes, args.repeats), ""]
+        print("\n".join(lines))
+        common.write_markdown(args.markdown, "MABN2d against a baseline", lines)
+        return
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = []
     for device in devices:
@@ -144,17 +236,24 @@ def main() -> None:
         if device != "cuda" and "triton" in kernels:
             print("\nMABN2d(kernel='triton') runs on CUDA only; timing its PyTorch path on CPU")
             kernels = ["torch"]
+        clock = time.perf_counter
         if device == "cuda":
             note = ("forward+backward, median of {}; (n) = kernel launches per forward+backward")
             shapes, dtypes, formats = (CUDA_SHAPES, [torch.float32, torch.float16, torch.bfloat16],
                                        [False, True])
         else:
-            note = ("forward+backward, median of {}; (n) = ATen ops per forward+backward, each a "
-                    "kernel launch on a GPU")
+            note = ("forward+backward, median of {}; (n) = ATen ops that do work per "
+                    "forward+backward, each a kernel launch on a GPU")
             shapes, dtypes, formats = CPU_SHAPES, [torch.float32], [False]
+            if args.clock == "cpu":
+                torch.set_num_threads(1)
+                clock = time.thread_time
+                note += "; CPU time of one thread"
         lines += [f"{common.header(device)}; {note.format(args.repeats)}", "",
-                  table(device, shapes, dtypes, formats, args.repeats, kernels), ""]
-        print("\n" + "\n".join(lines[-4:]))
+                  table(device, shapes, dtypes, formats, args.repeats, kernels, clock), ""]
+        if device == "cpu":
+            lines += [op_counts(), ""]
+        print("\n" + "\n".join(lines[-6 if device == "cpu" else -4:]))
     common.write_markdown(args.markdown, "Forward+backward of one normalisation layer", lines)
 
 

@@ -1,415 +1,228 @@
 #!/usr/bin/env python
 """The first minutes of a GPU: are MABN2d's fused Triton kernels right, and how fast are they?
 
-    make gpu-check                     # .venv's python (else python3); writes docs/gpu/gpu_check.*
-    python benchmarks/gpu_check.py --output DIR --sections checks kernels --shapes res2 res5
+    make gpu-check QUICK=1             # about 4 minutes on a cold H100 (its own estimate below)
+    make gpu-check                     # everything: more than one 10-minute device call
+    python benchmarks/gpu_check.py --quick --output DIR
+    python benchmarks/gpu_check.py --sections smoke checks --budget 540
 
-On the lent device machine (torch 2.11, Triton 3.6, no .venv; see the header of
-/work/shared/tools/device-prep.sh): run `make device-wheels` once in the repository root (that
-script plus tqdm and portalocker), then the device tool's run with carry [".whl"], timeout_s 540 and
+On the lent device machine (no .venv; see the header of ../shared/tools/device-prep.sh): run
+`make device-wheels` once in the repository root, then the device tool's run with carry [".whl"],
+timeout_s 300 and
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-    export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_check.py --output $OUT/gpu_check
+    export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_check.py --quick --output $OUT/gpu
 
-Sections, in order (about 8 minutes on one H100/H200). After each one, DIR/gpu_check.md and
-gpu_check.json are rewritten (DIR: --output, default docs/gpu), so that a run cut short still
-leaves what it measured:
+Sections, in this order, each in its own process (benchmarks/gpu_check_sections.py) with its own
+timeout, so that a sticky CUDA error, a hang or a crash costs one section and the next one still
+runs:
 
-1. tests: `pytest -k cuda tests/layers` (the CUDA tests of MABN2d and its Triton path).
-2. checks: at R50-FPN shapes (res2-res5, box and mask heads; fp32 and bf16; NCHW and NHWC), from
-   one saved steady state (rings full, renormalisation on): 30 replays of a training step give
-   the same bits, every ticket is back at 0 and the step counter advanced by 1 each time; the
-   result matches kernel="torch"; a CUDA-graph replay of the step gives the eager step's bits.
-3. kernels: device time per training step (profiler, kernels only) of nn.BatchNorm2d,
-   GroupNorm(32), MABN2d torch and MABN2d Triton under autocast, and each fused kernel's time and
-   achieved GB/s (bytes it must move / its time).
-4. maskrcnn: one Mask R-CNN R50-FPN training iteration, 2 images of 800×1216 (bench_maskrcnn.py):
-   BN, GN, MABN torch, MABN Triton; ms and peak memory.
+1. smoke: one training step of the Triton path at a small shape against the PyTorch path, in one
+   process per layout (under 30 s each, cold): do the kernels compile, launch and agree at all?
+2. checks: at R50-FPN shapes (64 to 2048 channels; fp32 and bf16; NCHW and NHWC), from one saved
+   steady state: 30 replays give the same bits, every ticket is back at 0, the step counter
+   advanced by 1; the result matches kernel="torch"; a CUDA-graph replay gives the eager bits.
+3. kernels: per training step, device time (profiler, kernels only) and wall time (CUDA events)
+   of BatchNorm2d, GroupNorm(32), MABN2d torch and MABN2d Triton under autocast, with fresh inputs
+   every step (more than L2 holds), and each fused kernel's time; GB/s are effective ones.
+4. maskrcnn: one Mask R-CNN R50-FPN training iteration, 2 images of 800×1216: ms, peak memory.
+5. tests: the CUDA tests of tests/layers (pytest -k), last: the slowest to compile.
 
-Exits 0 when every check and test passed, 1 when one failed, 2 (one line, no traceback) when
-there is no CUDA device.
+DIR/gpu_check.md and gpu_check.json (DIR: --output, default docs/gpu) are rewritten after every
+row. Before starting, the script estimates each section's seconds (process start, Triton JIT of
+the kernel variants not compiled yet, rows); a section whose estimate no longer fits in --budget
+is skipped and reported as such. Exits 0 when every section ran and passed, 1 otherwise, 2 (one
+line, no traceback) when there is no CUDA device.
 """
 import argparse
+import dataclasses
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-import traceback
 from importlib import metadata
-from typing import Callable, Dict, List
+from typing import Dict, List, Set
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import gpu_check_sections as sections_  # noqa: E402
+from gpu_check_report import Report  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"res2": (2, 256, 200, 336), "res3": (2, 512, 100, 168), "res4": (2, 1024, 50, 84),
-          "res5": (2, 2048, 25, 42), "box head": (1024, 256, 7, 7),
-          "mask head": (128, 256, 14, 14)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
-REPLAYS = 30
-# Global-memory traffic of each fused kernel in units of one tensor of the input's size:
-# K1 reads x; K2 reads x, writes y; K3 reads dy and x; K4 reads dy and x, writes dx.
-KERNEL_TRAFFIC = {"K1 Σx²": 1, "K2 y": 2, "K3 Σdy·x, Σdy": 2, "K4 dx": 3}
-# The least a fused forward+backward of any norm must move: x, y, dy, x again, dx.
-LAYER_TRAFFIC = 5
+SECTIONS_SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check_sections.py")
+ORDER = ("smoke", "checks", "kernels", "maskrcnn", "tests")
+
+# The estimate's constants, for a cold H100 machine; gpu_check.json records each section's
+# measured seconds beside its estimate, to calibrate them.
+PROCESS_S = 8  # python, torch (and Detectron2) imports, the CUDA context
+JIT_S = 1.2  # one Triton kernel variant (issue #30: ~250 variants took 5-8 minutes)
+ROW_S = {"smoke": 2, "checks": 5, "kernels": 4}  # one row, compiled
+MASKRCNN_NORM_S = 10  # per norm: build the model, three warm-up iterations
+MASKRCNN_ITER_S = 0.5
+MASKRCNN_VARIANTS = 40  # Triton variants of the R50-FPN's MABN layers (NCHW, fp32)
+PYTEST_S = 15  # collection and imports
+TEST_VARIANTS = {"full": 80, "quick": 12}
+TEST_RUN_S = {"full": 40, "quick": 10}
+
+QUICK_TESTS = ("four_kernels or (no_cuda_synchronisation and triton) "
+               "or (triton_matches_torch and fp32 and hw16)")
+MODES = {
+    "quick": dict(checks=["res2-64/fp32/NHWC", "res5/fp32/NCHW"],
+                  kernels=["res2-64/bf16/NHWC", "res3-128/bf16/NCHW", "res2/bf16/NHWC",
+                           "res5/bf16/NCHW"],
+                  maskrcnn=dict(norms=["BN", "MABN Triton"], iters=3), tests=QUICK_TESTS),
+    "full": dict(checks=sections_.all_configs(), kernels=sections_.all_configs(),
+                 maskrcnn=dict(norms=["BN", "GN", "MABN torch", "MABN Triton"], iters=10),
+                 tests="cuda"),
+}
 
 
-class Report:
-    """Sections of results, written as JSON and Markdown after each one."""
+@dataclasses.dataclass
+class Section:
+    """One process of the check: its name, the kind of rows it prints, its command line and the
+    seconds it is expected to take."""
 
-    def __init__(self, output: str, title: str):
-        self.output, self.title = output, title
-        self.sections: Dict[str, dict] = {}
-        os.makedirs(output, exist_ok=True)
-
-    def add(self, name: str, section: dict) -> None:
-        self.sections[name] = section
-        with open(os.path.join(self.output, "gpu_check.json"), "w") as f:
-            json.dump({"title": self.title, "sections": self.sections}, f, indent=1)
-        with open(os.path.join(self.output, "gpu_check.md"), "w") as f:
-            f.write(render(self.title, self.sections) + "\n")
-
-    @property
-    def failed(self) -> bool:
-        return any(section.get("failures") for section in self.sections.values())
+    name: str
+    kind: str
+    command: List[str]
+    estimate_s: float
 
 
-def render(title: str, sections: Dict[str, dict]) -> str:
-    """Markdown of the sections done so far (pure: tested on CPU)."""
-    lines = ["# MABN2d on CUDA: `make gpu-check`", "", title, ""]
-    if "tests" in sections:
-        s = sections["tests"]
-        lines += ["## CUDA tests", "", f"`{s['command']}`: {s['summary']} ({s['seconds']:.0f} s)",
-                  ""]
-    if "checks" in sections:
-        rows = [[r["shape"], r["dtype"], r["layout"], r["replays"], r["tickets"], r["iteration"],
-                 r["graph"], r["parity"]] for r in sections["checks"]["rows"]]
-        lines += ["## Triton path at production shapes", "",
-                  f"From one saved steady state: {REPLAYS} replays bit-identical, tickets at 0, "
-                  "step counter +1; CUDA-graph replay = eager; largest difference to "
-                  'kernel="torch" relative to the output\'s largest magnitude.', "",
-                  common.markdown_table(["shape", "dtype", "layout", "replays", "tickets",
-                                         "iteration", "CUDA graph", "parity"], rows), ""]
-    if "kernels" in sections:
-        k = sections["kernels"]
-        rows = [[r["shape"], r["dtype"], r["layout"]]
-                + [_cell(r["layers"].get(name), r["layers"].get("BatchNorm2d"))
-                   for name in k["layers"]] for r in k["rows"]]
-        lines += ["## Device time per training step (forward+backward)", "",
-                  f"µs of kernel time per step (profiler), GB/s at {LAYER_TRAFFIC} tensor passes "
-                  "(the least a fused norm moves), ratio to BatchNorm2d; under autocast.", "",
-                  common.markdown_table(["shape", "dtype", "layout"] + k["layers"], rows), ""]
-        rows = [[r["shape"], r["dtype"], r["layout"]]
-                + [f"{t['us']:.1f} µs, {t['gbps']:.0f} GB/s" for t in r["triton_kernels"]]
-                for r in k["rows"] if r.get("triton_kernels")]
-        if rows:
-            lines += ["### The four fused kernels", "",
-                      common.markdown_table(["shape", "dtype", "layout"] + list(KERNEL_TRAFFIC),
-                                            rows), ""]
-    if "maskrcnn" in sections:
-        m = sections["maskrcnn"]
-        lines += [f"## Mask R-CNN R50-FPN training iteration ({m['setting']})", "",
-                  common.markdown_table(["norm", "ms / iteration", "vs BN", "peak memory (GiB)"],
-                                        m["rows"]), ""]
-    failures = [f"- {name}: {f}" for name, s in sections.items() for f in s.get("failures", [])]
-    lines += ["## Failures", ""] + (failures or ["none"])
-    return "\n".join(lines)
-
-
-def _cell(layer: dict | None, bn: dict | None) -> str:
-    if not layer:
-        return "–"
-    if "error" in layer:
-        return f"error: {layer['error']}"
-    ratio = f", {layer['us'] / bn['us']:.2f}×" if bn and "us" in bn else ""
-    return f"{layer['us']:.0f} µs, {layer['gbps']:.0f} GB/s{ratio}"
-
-
-def gbps(tensor_bytes: int, passes: int, us: float) -> float:
-    return passes * tensor_bytes / (us * 1e-6) / 1e9
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. tests
-
-
-def run_cuda_tests(timeout: int) -> dict:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-               "tests/layers"]
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        output, code = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as e:
-        output, code = f"{e.stdout or ''}\ntimed out after {timeout} s", -1
-    summary = next((line.strip("= ") for line in reversed(output.splitlines())
-                    if re.search(r"\d+ (passed|failed|error)", line)), "no summary")
-    failures = [] if code == 0 else [f"pytest exit {code}: {summary}"]
-    return {"command": "pytest -k cuda tests/layers", "summary": summary, "failures": failures,
-            "seconds": time.perf_counter() - start, "output_tail": output[-6000:]}
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. checks
-
-
-def steady_layer(channels: int, kernel: str, device: str = "cuda"):
-    """An MABN2d past its warm-ups, rings full of plausible statistics."""
-    from mabn_det.layers import MABN2d
-
-    layer = MABN2d(channels, kernel=kernel, warmup_iters=10, renorm_warmup_iters=10).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        layer.iteration.fill_(100)
-        layer.chi_buffer.uniform_(0.5, 2.0, generator=g)
-        layer.psi_buffer.normal_(0.0, 0.01, generator=g)
-        layer.running_var.uniform_(0.5, 2.0, generator=g)
-        layer.weight.uniform_(0.5, 1.5, generator=g)
-        layer.bias.normal_(0.0, 1.0, generator=g)
-    return layer
-
-
-def inputs(shape, dtype, layout, device: str = "cuda"):
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(shape, device=device, generator=g).to(dtype).contiguous(memory_format=layout)
-    dy = torch.randn(shape, device=device, generator=g).to(dtype).contiguous(memory_format=layout)
-    return x, dy
-
-
-def train_step(layer, x, dy) -> Dict[str, torch.Tensor]:
-    x = x.detach().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    y = layer(x)
-    y.backward(dy)
-    return {"y": y.detach(), "dx": x.grad, "dgamma": layer.weight.grad, "dbeta": layer.bias.grad}
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_floating_point():
-        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
-        a, b = a.view(ints), b.view(ints)
-    return torch.equal(a, b)
-
-
-def _differing(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> List[str]:
-    return [k for k in want if not _same_bits(got[k], want[k])]
-
-
-def graph_step(layer, x, dy, saved) -> Dict[str, torch.Tensor]:
-    """The training step captured in a CUDA graph and replayed once from `saved`."""
-    x = x.detach().requires_grad_()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-        for _ in range(2):
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            layer(x).backward(dy)
-    torch.cuda.current_stream().wait_stream(side)
-    x.grad = None
-    layer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer(x)
-        y.backward(dy)
-    layer.load_state_dict(saved)
-    graph.replay()
-    torch.cuda.synchronize()
-    return {"y": y.detach().clone(), "dx": x.grad.clone(), "dgamma": layer.weight.grad.clone(),
-            "dbeta": layer.bias.grad.clone()}
-
-
-def parity(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], dtype) -> tuple:
-    """(largest difference relative to each output's largest magnitude, within tolerance)."""
-    rel = max(float((got[k].float() - want[k].float()).abs().max())
-              / max(float(want[k].float().abs().max()), 1.0) for k in want)
-    return rel, rel <= (1e-4 if dtype == torch.float32 else 3e-2)
-
-
-def check_config(shape, dtype, layout, device: str = "cuda", replays: int = REPLAYS,
-                 graph: bool = True) -> dict:
-    """The checks of section 2 for one input (on the CPU only under TRITON_INTERPRET=1, for the
-    tests of this script: no CUDA graph there)."""
+def _new_variants(configs: List[Dict], seen: Set) -> int:
+    """Triton kernel variants that `configs` (checks/kernels configurations) compile and `seen`
+    does not hold yet (Triton's on-disk cache serves the others to later processes); updates
+    `seen`."""
     from mabn_det.layers import mabn_triton
 
-    tri, ref = steady_layer(shape[1], "triton", device), steady_layer(shape[1], "torch", device)
-    x, dy = inputs(shape, dtype, layout, device)
-    saved = {k: v.clone() for k, v in tri.state_dict().items()}
-    first = train_step(tri, x, dy)
-    after = {k: v.clone() for k, v in tri.state_dict().items()}
-    out, failures = {}, []
-    tickets = mabn_triton.tickets(tri, x.device)
-    repeated, tickets_ok, iteration_ok = 0, True, True
-    for _ in range(replays):
-        tri.load_state_dict(saved)
-        got = train_step(tri, x, dy)
-        state = tri.state_dict()
-        repeated += not (_differing(got, first) or _differing(state, after))
-        tickets_ok &= not bool(tickets.any())
-        iteration_ok &= int(state["iteration"]) == int(saved["iteration"]) + 1
-    out["replays"] = f"{repeated}/{replays}"
-    out["tickets"] = "0" if tickets_ok else "held"
-    out["iteration"] = "+1" if iteration_ok else "wrong"
-    failures += [] if repeated == replays else [f"{replays - repeated} replays differ"]
-    failures += [] if tickets_ok else ["a ticket is not back at 0"]
-    failures += [] if iteration_ok else ["the step counter did not advance by 1"]
-    ref.load_state_dict(saved)
-    want = train_step(ref, x, dy)
-    rel, ok = parity(first, want, dtype)
-    state_rel, state_ok = parity({k: v for k, v in after.items() if v.is_floating_point()},
-                                 {k: v for k, v in ref.state_dict().items()
-                                  if v.is_floating_point()}, torch.float32)
-    out["parity"] = f"{rel:.1e} (state {state_rel:.1e})"
-    failures += [] if ok and state_ok else [f'differs from kernel="torch" by {rel:.2e} '
-                                            f"(state {state_rel:.2e})"]
-    if not graph:
-        out.update(graph="not run", failures=failures)
-        return out
-    try:
-        tri.load_state_dict(saved)
-        differ = _differing(graph_step(tri, x, dy, saved), first)
-        out["graph"] = "same bits" if not differ else f"differs: {', '.join(differ)}"
-        failures += [f"CUDA graph replay: {', '.join(differ)} differ"] if differ else []
-    except Exception as e:  # noqa: BLE001 - a capture failure is a result to report
-        out["graph"] = f"error: {type(e).__name__}"
-        failures.append(f"CUDA graph capture: {type(e).__name__}: {e}")
-    out["failures"] = failures
+    before = len(seen)
+    for c in configs:
+        shape, dtype = sections_.SHAPES.get(c["shape"], sections_.SMOKE_SHAPE), c["dtype"]
+        channels_last = c["layout"] == "NHWC"
+        plan = mabn_triton.Plan(shape, channels_last, 16, 4 * 132,
+                                sections_.DTYPES[dtype].itemsize)
+        aligned = tuple(size % 16 == 0 for size in shape)
+        for kernel in ("fwd_reduce", "bwd_reduce", "scale_add y", "scale_add dx"):
+            blocks = plan.elementwise_blocks if "scale" in kernel else plan.reduce_blocks
+            seen.add((kernel, channels_last, dtype, tuple(sorted(blocks.items())), aligned))
+    return len(seen) - before
+
+
+def plan_sections(mode: str, names: List[str]) -> List[Section]:
+    """The sections of `mode` ("quick" or "full") among `names`, in the order of ORDER, each
+    with its estimate."""
+    config, seen, out = MODES[mode], set(), []
+    base = [sys.executable, SECTIONS_SCRIPT]
+    for name in [n for n in ORDER if n in names]:
+        if name == "maskrcnn":
+            norms, iters = config["maskrcnn"]["norms"], config["maskrcnn"]["iters"]
+            command = base + ["maskrcnn", "--norms", *norms, "--iters", str(iters)]
+            estimate = (PROCESS_S + len(norms) * (MASKRCNN_NORM_S + iters * MASKRCNN_ITER_S)
+                        + JIT_S * MASKRCNN_VARIANTS * ("MABN Triton" in norms))
+        elif name == "tests":
+            estimate = PROCESS_S + PYTEST_S + JIT_S * TEST_VARIANTS[mode] + TEST_RUN_S[mode]
+            command = base + ["tests", "--select", config["tests"],
+                              "--timeout", str(int(1.8 * estimate))]
+        elif name == "smoke":
+            # One process per layout: a layout that hangs or crashes leaves the other's verdict.
+            for layout in sections_.LAYOUTS:
+                configs = [{"shape": "smoke", "dtype": "fp32", "layout": layout}]
+                out.append(Section(f"smoke {layout}", "smoke",
+                                   base + ["smoke", "--layouts", layout],
+                                   PROCESS_S + JIT_S * _new_variants(configs, seen)
+                                   + ROW_S["smoke"]))
+            continue
+        else:
+            configs = [sections_.parse_config(c) for c in config[name]]
+            command = base + [name, "--configs", *config[name]]
+            estimate = (PROCESS_S + JIT_S * _new_variants(configs, seen)
+                        + ROW_S[name] * len(configs))
+        out.append(Section(name, name, command, estimate))
     return out
 
 
-def run_checks(shapes: List[str]) -> dict:
-    rows, failures = [], []
-    for name, shape, dtype_name, layout_name in _configs(shapes):
-        row = {"shape": name, "dtype": dtype_name, "layout": layout_name}
-        try:
-            row.update(check_config(shape, DTYPES[dtype_name], LAYOUTS[layout_name]))
-        except Exception as e:  # noqa: BLE001 - reported, the next configuration still runs
-            row.update(replays="–", tickets="–", iteration="–", graph="–",
-                       parity=f"error: {type(e).__name__}",
-                       failures=[f"{type(e).__name__}: {e}",
-                                 traceback.format_exc(limit=-3)])
-        failures += [f"{name} {dtype_name} {layout_name}: {f}" for f in row["failures"]]
-        rows.append(row)
-        print(f"  checked {name} {dtype_name} {layout_name}: "
-              f"{'; '.join(row['failures']) or 'ok'}", flush=True)
-    return {"rows": rows, "failures": failures}
+def run_section(section: Section, report: Report, timeout_s: float) -> None:
+    """Run one section's process, adding each row to the report as it arrives; a crash, an
+    error exit or the timeout ends the section with a failure, never the check."""
+    entry = report.start(section.name, section.kind, section.estimate_s,
+                         " ".join(os.path.relpath(a, REPO) if a.startswith(REPO) else a
+                                  for a in section.command[1:]))
+    start = time.perf_counter()
+    process = subprocess.Popen(section.command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log: List[str] = []
+
+    def read():
+        for line in process.stdout:
+            try:
+                row = (json.loads(line[len(sections_.ROW_PREFIX):])
+                       if line.startswith(sections_.ROW_PREFIX) else None)
+            except ValueError:
+                row = None
+            if row is not None:
+                report.add_row(entry, row)
+            else:
+                log.append(line)
+                print(f"  {section.name}: {line}", end="", flush=True)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        code = process.wait(timeout=timeout_s)
+        status, failures = ("ok", []) if code == 0 else (
+            "crashed", [f"the process exited with {code}"])
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # pytest's child too
+        process.wait()
+        status, failures = "timed out", [f"timed out after {timeout_s:.0f} s"]
+    reader.join()
+    report.finish(entry, status, time.perf_counter() - start, failures, "".join(log)[-4000:])
 
 
-def _configs(shapes: List[str]):
-    return [(name, SHAPES[name], dtype_name, layout_name) for name in shapes
-            for dtype_name in DTYPES for layout_name in LAYOUTS]
-
-
-# ------------------------------------------------------------------------------------------------
-# 3. kernels
-
-
-def kernel_times(step: Callable[[], None], steps: int) -> List[List[tuple]]:
-    """Per step, the (name, µs) of each CUDA kernel it ran, in launch order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = sorted((e.time_range.start, e.name, e.time_range.elapsed_us())
-                     for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    per_step = len(kernels) // steps
-    return [[(name, us) for _, name, us in kernels[i * per_step:(i + 1) * per_step]]
-            for i in range(steps)]
-
-
-def time_layers(shape, dtype, layout, steps: int = 20) -> dict:
-    from torch import nn
-
-    x, dy = inputs(shape, dtype, layout)
-    x.requires_grad_()
-    layers = {"BatchNorm2d": nn.BatchNorm2d(shape[1]), "GroupNorm(32)": nn.GroupNorm(32, shape[1]),
-              "MABN2d torch": steady_layer(shape[1], "torch"),
-              "MABN2d Triton": steady_layer(shape[1], "triton")}
-    tensor_bytes = x.numel() * x.element_size()
-    out, kernels = {}, None
-    for name, layer in layers.items():
-        layer = layer.cuda().train()
-
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                y = layer(x)
-            y.backward(dy)
-
-        try:
-            per_step = kernel_times(step, steps)
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            out[name] = {"error": type(e).__name__}
+def run(sections: List[Section], report: Report, budget_s: float) -> None:
+    """Run the sections in order within `budget_s`; each gets twice its estimate (at least a
+    minute) and never more than the budget left; one whose estimate no longer fits is skipped."""
+    began = time.perf_counter()
+    for section in sections:
+        left = budget_s - (time.perf_counter() - began)
+        if section.estimate_s > left:
+            entry = report.start(section.name, section.kind, section.estimate_s, "not run")
+            report.finish(entry, "skipped", 0.0, [f"skipped: estimated {section.estimate_s:.0f} s"
+                                                  f", {max(left, 0):.0f} s of the budget left"])
             continue
-        us = sorted(sum(t for _, t in s) for s in per_step)[steps // 2]
-        out[name] = {"us": us, "gbps": gbps(tensor_bytes, LAYER_TRAFFIC, us),
-                     "launches": len(per_step[0])}
-        if name == "MABN2d Triton":
-            kernels = per_step
-    row = {"layers": out}
-    if kernels and all(len(s) == len(KERNEL_TRAFFIC) for s in kernels):
-        row["triton_kernels"] = []
-        for i, (label, passes) in enumerate(KERNEL_TRAFFIC.items()):
-            us = sorted(s[i][1] for s in kernels)[steps // 2]
-            row["triton_kernels"].append({"kernel": label, "name": kernels[0][i][0], "us": us,
-                                          "gbps": gbps(tensor_bytes, passes, us)})
-    elif kernels:
-        row["unexpected_kernels"] = [name for name, _ in kernels[0]]
-    return row
+        print(f"{section.name}: estimated {section.estimate_s:.0f} s, {left:.0f} s left",
+              flush=True)
+        run_section(section, report, min(left, max(60.0, 2 * section.estimate_s)))
 
 
-def run_kernel_timings(shapes: List[str]) -> dict:
-    rows, failures = [], []
-    for name, shape, dtype_name, layout_name in _configs(shapes):
-        row = {"shape": name, "dtype": dtype_name, "layout": layout_name}
-        row.update(time_layers(shape, DTYPES[dtype_name], LAYOUTS[layout_name]))
-        if "unexpected_kernels" in row:
-            failures.append(f"{name} {dtype_name} {layout_name}: the Triton step launched "
-                            f"{row['unexpected_kernels']}, expected the four fused kernels")
-        rows.append(row)
-        print(f"  timed {name} {dtype_name} {layout_name}", flush=True)
-    return {"layers": ["BatchNorm2d", "GroupNorm(32)", "MABN2d torch", "MABN2d Triton"],
-            "rows": rows, "failures": failures}
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Mask R-CNN
-
-
-def run_maskrcnn(iters: int) -> dict:
-    import bench_maskrcnn
-
-    size, width = 800, int(800 * 1.52) // 32 * 32
-    batch = bench_maskrcnn._batch(size, width, "cuda")
-    rows, failures, bn = [], [], None
-    for label, norm, kernel in [("BN", "BN", "torch"), ("GN", "GN", "torch"),
-                                ("MABN torch", "MABN", "torch"),
-                                ("MABN Triton", "MABN", "triton")]:
-        try:
-            seconds, peak, _, _ = bench_maskrcnn.measure(norm, "cuda", batch, iters, kernel)
-        except Exception as e:  # noqa: BLE001 - reported
-            rows.append([label, f"error: {type(e).__name__}", "–", "–"])
-            failures.append(f"{label}: {type(e).__name__}: {e}")
-            continue
-        bn = bn or seconds
-        rows.append([label, f"{seconds * 1e3:.1f}", f"{seconds / bn:.3f}×", f"{peak:.2f}"])
-        print(f"  {label}: {seconds * 1e3:.1f} ms", flush=True)
-        torch.cuda.empty_cache()
-    return {"setting": f"2 images {size}×{width}, median of {iters}", "rows": rows,
-            "failures": failures}
-
-
-# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "gpu"),
+                        help="where gpu_check.md and gpu_check.json go (default: docs/gpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes, dtypes, norms and tests: about 4 minutes cold")
+    parser.add_argument("--sections", nargs="+", default=list(ORDER), choices=list(ORDER))
+    parser.add_argument("--budget", type=float,
+                        help="seconds for the whole check (default: 240 quick, 540 full)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA device visible to torch {torch.__version__}; nothing was run.")
+        return 2
+    mode = "quick" if args.quick else "full"
+    sections = plan_sections(mode, args.sections)
+    budget = args.budget or (240.0 if args.quick else 540.0)
+    estimate = sum(s.estimate_s for s in sections)
+    title = (f"{common.header('cuda')}, Triton {_distribution_version('triton')}; "
+             f"`python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`")
+    print(f"{title}\nestimated {estimate:.0f} s in a budget of {budget:.0f} s", flush=True)
+    report = Report(args.output, title, {"mode": mode, "estimate_s": estimate, "budget_s": budget})
+    run(sections, report, budget)
+    print(f"wrote {args.output}/gpu_check.md and gpu_check.json")
+    return 1 if report.failed else 0
 
 
 def _distribution_version(name: str) -> str:
@@ -417,40 +230,6 @@ def _distribution_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "missing"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=os.path.join(REPO, "docs", "gpu"),
-                        help="where gpu_check.md and gpu_check.json go (default: docs/gpu)")
-    parser.add_argument("--sections", nargs="+", default=["tests", "checks", "kernels", "maskrcnn"],
-                        choices=["tests", "checks", "kernels", "maskrcnn"])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                        metavar="SHAPE",
-                        help=f"the shapes of sections 2 and 3 (default: all, {list(SHAPES)})")
-    parser.add_argument("--test-timeout", type=int, default=240)
-    parser.add_argument("--iters", type=int, default=10, help="Mask R-CNN iterations timed")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device visible to torch {torch.__version__}; nothing was run.")
-        return 2
-    # The version only: Triton itself is MABN2d's to import (mabn_det[triton]).
-    title = (f"{common.header('cuda')}, Triton {_distribution_version('triton')}; "
-             f"`python benchmarks/gpu_check.py`")
-    print(title, flush=True)
-    report = Report(args.output, title)
-    sections = {"tests": lambda: run_cuda_tests(args.test_timeout),
-                "checks": lambda: run_checks(args.shapes),
-                "kernels": lambda: run_kernel_timings(args.shapes),
-                "maskrcnn": lambda: run_maskrcnn(args.iters)}
-    began = time.perf_counter()
-    for name in args.sections:
-        print(f"{name} ({time.perf_counter() - began:.0f} s)", flush=True)
-        report.add(name, sections[name]())
-    print(render(title, report.sections))
-    print(f"wrote {args.output}/gpu_check.md and gpu_check.json in "
-          f"{time.perf_counter() - began:.0f} s")
-    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

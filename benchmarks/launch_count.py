@@ -1,32 +1,74 @@
 """Kernel launches of a piece of code: what a normalisation layer costs in fixed overhead.
 
 On CUDA the profiler counts the device activities (kernels, memsets, memcopies) that the code
-issued. On CPU, where nothing is launched, a TorchDispatchMode counts the ATen ops that would each
-be one kernel on a GPU: every op except views, aliases and allocations of uninitialised memory.
+issued. On CPU, where nothing is launched, the ATen ops of a CPU profile stand in for them, counted
+two ways (neither counts views, allocations of uninitialised memory, or dtype conversions that copy
+nothing):
+
+- ``"leaf"``, the count of issue #30: ops with no ATen op at all beneath them. An op whose output
+  is allocated by a dispatched ``empty`` (``where``, ``index_select``, batch norm itself) has an
+  op beneath it, so its own kernel is not counted: nn.BatchNorm2d's forward+backward counts 1.
+- ``"work"``: ops with no counted op beneath them, allocations and views set aside; every op that
+  does the work itself counts once, so nn.BatchNorm2d's forward+backward counts 3.
 """
-from typing import Callable
+import functools
+from typing import Callable, List
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.autograd.profiler_util import FunctionEvent
 
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
-              "alias", "lift_fresh", "set_", "resize_"}
+__all__ = ["count_launches", "cpu_ops"]
+
+# Ops that do no work on data: allocations, and conversions or in-place restrides that leave the
+# data as it is. Views are recognised from their schema.
+_NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_",
+            "set_", "as_strided_", "to", "_to_copy", "contiguous", "resolve_conj", "resolve_neg"}
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+@functools.lru_cache(maxsize=None)
+def _does_no_work(op: str) -> bool:
+    if op in _NO_WORK:
+        return True
+    packet = getattr(torch.ops.aten, op, None)
+    return packet is not None and any(getattr(packet, overload).is_view
+                                      for overload in packet.overloads())
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if not (getattr(func, "is_view", False) or name in _NO_KERNEL):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+
+def _is_op(event: FunctionEvent) -> bool:
+    return event.name.startswith("aten::")
+
+
+def _does_work(event: FunctionEvent) -> bool:
+    return _is_op(event) and not _does_no_work(event.name[len("aten::"):])
+
+
+def _work_beneath(event: FunctionEvent) -> bool:
+    return any(_does_work(child) or _work_beneath(child) for child in event.cpu_children)
+
+
+def cpu_ops(fn: Callable[[], None], how: str = "leaf") -> List[str]:
+    """The ATen ops of one call of `fn` on CPU tensors that `how` ("leaf" or "work") counts, in
+    the order the profiler recorded them (call `fn` once before, to allocate what it caches)."""
+    if how not in ("leaf", "work"):
+        raise ValueError(f'how must be "leaf" or "work", got {how!r}')
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counted = []
+    for event in prof.events():
+        if not _does_work(event):
+            continue
+        beneath = (any(_is_op(child) for child in event.cpu_children) if how == "leaf"
+                   else _work_beneath(event))
+        if not beneath:
+            counted.append(event.name[len("aten::"):])
+    return counted
 
 
 def count_launches(fn: Callable[[], None], device: str) -> int:
-    """Launches issued by one call of `fn` (call it once before, to compile and allocate)."""
+    """Launches issued by one call of `fn` (call it once before, to compile and allocate); on CPU,
+    the ATen ops that do work themselves (`cpu_ops` with how="work")."""
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -35,7 +77,4 @@ def count_launches(fn: Callable[[], None], device: str) -> int:
             fn()
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    mode = _CountOps()
-    with mode:
-        fn()
-    return mode.count
+    return len(cpu_ops(fn, "work"))

@@ -81,7 +81,8 @@ class MABNDiagnostics(HookBase):
         return torch.maximum(ratio, 1.0 / ratio).max()
 
     def _statistics(self) -> Dict[str, float]:
-        trained = [m for _, m in self._layers if m.last_renorm is not None]
+        # last_renorm is 1 until a layer's first training step (a non-persistent buffer).
+        trained = [m for _, m in self._layers]
         if not trained:
             return {}
         renorm = torch.cat([m.last_renorm.float() for m in trained])
@@ -161,8 +162,6 @@ def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) ->
                for index, (_, m) in enumerate(layers)]
     buffers = list(model.buffers())
     saved_buffers = [b.clone() for b in buffers]
-    # The diagnostics read the last training step's r, which the pass would overwrite.
-    saved_renorm = [m.last_renorm for _, m in layers]
     was_training = model.training
     model.train()
     try:
@@ -178,8 +177,6 @@ def update_mabn_stats(model: nn.Module, data_loader: Iterable, num_iter: int) ->
             handle.remove()
         for buffer, saved in zip(buffers, saved_buffers):
             buffer.copy_(saved)
-        for (_, m), renorm in zip(layers, saved_renorm):
-            m.last_renorm = renorm
         model.train(was_training)
     unseen = []
     for (name, m), total, count in zip(layers, second_moments, batches_seen):

@@ -1,13 +1,18 @@
 """Moving Average Batch Normalization (Yan et al., ICLR 2020, arXiv 2001.06838).
 
 MABN normalises by the second moment χ = mean(x²) (no mean subtraction: the conv before it is
-weight-centred) and replaces both the forward statistic χ and the backward statistic ψ = mean(g·ẑ) by
-simple moving averages over the last ``buffer_size`` steps. With ``buffer_size = m`` and 2 images per
-GPU the layer sees the statistics of 2·m images, which is what makes small-batch training stable.
+weight-centred) and replaces both the forward statistic χ and the backward statistic
+ψ = mean(g·ẑ) by simple moving averages over the last ``buffer_size`` steps. With
+``buffer_size = m`` and 2 images per GPU the layer sees the statistics of 2·m images, which is what
+makes small-batch training stable.
 
-Everything is computed with tensor ops on the layer's own buffers: no `.item()`, no Python branch on a
-tensor value, so a training step never waits for the device.
+Everything is computed with tensor ops on the layer's own buffers: no `.item()`, no Python branch
+on a tensor value, so a training step never waits for the device. The PyTorch path issues few ops
+per step: constants live in buffers, the non-finite guards are comparisons against per-slot limits,
+and a ring's write and mean take one op each (see docs/benchmarks.md for the count).
 """
+import contextlib
+import math
 import os
 from typing import NamedTuple, Tuple
 
@@ -24,93 +29,120 @@ __all__ = ["MABN2d"]
 _AUTO_PICKS_TRITON = False
 
 
-def channel_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel Σ a·b and Σ a over (N, H, W), accumulated in float32 (float64 for float64 inputs).
+def channel_sums(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, one: torch.Tensor,
+                 zero: torch.Tensor, with_sum_a: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale·Σ a·b and Σ a over (N, H, W), in one pass over memory.
 
-    Batch norm's backward reduction computes exactly these two sums in one fused pass over memory,
-    in either memory format, accumulating half-precision inputs in float32 so that fp16 values near
-    6e4 do not overflow; with mean 0 and inverse std 1 it returns them unchanged.
+    Batch norm's backward reduction computes exactly these sums (its dγ with mean 0 and inverse
+    std `scale`, its dβ) in either memory format, accumulating half-precision inputs in float32 so
+    that fp16 values near 6e4 do not overflow.
 
     Args:
-        a, b: tensors of shape (N, C, H, W) and the same dtype.
+        a, b: (N, C, H, W), the same dtype.
+        scale: (C,) applied to Σ a·b after the sum.
+        one, zero: (C,) constants of the statistics' dtype (the sums come back in it).
+        with_sum_a: whether Σ a is wanted (else the second result is None).
 
     Returns:
         Two tensors of shape (C,).
     """
-    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    ones = torch.ones(a.shape[1], dtype=acc_dtype, device=a.device)
-    zeros = torch.zeros_like(ones)
     _, sum_ab, sum_a = torch.ops.aten.native_batch_norm_backward(
-        a, b, ones, None, None, zeros, ones, True, 0.0, [False, True, True]
-    )
+        a, b, one, None, None, zero, scale, True, 0.0, [False, True, with_sum_a])
     return sum_ab, sum_a
 
 
-def _as_channel_map(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1)
-
-
-def record_finite_(ring: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
-                   skip_counter: torch.Tensor) -> None:
-    """Write `value` into row `slot` of `ring`, keeping the old entry of every non-finite channel.
+def record(ring: torch.Tensor, value: torch.Tensor, magnitude: torch.Tensor,
+           limits: torch.Tensor, skip_counter: torch.Tensor,
+           mean_weights: torch.Tensor) -> torch.Tensor:
+    """Write `value` into this step's row of `ring`, keeping the old entry of every non-finite
+    channel, and return the ring's mean.
 
     Args:
         ring: (m, C) buffer, updated in place.
-        slot: (1,) int64 row index.
-        value: (C,) new statistic.
+        value: (C,) new statistic, the ring's dtype.
+        magnitude: (C,) |value| (`value` itself for a statistic that cannot be negative).
+        limits: (m, 1): the dtype's largest value in this step's row, 0 in the others.
+            `magnitude < limits` then holds exactly for the finite channels of this step's row
+            (NaN compares false; the largest finite value itself counts as not finite).
         skip_counter: () int64, incremented in place when any channel of `value` is not finite.
+        mean_weights: (m,), every entry 1/m.
+
+    Returns:
+        (C,) the mean over the ring's rows after the write.
     """
-    finite = torch.isfinite(value)
-    kept = torch.where(finite, value.to(ring.dtype), ring.index_select(0, slot)[0])
-    ring.index_copy_(0, slot, kept.unsqueeze(0))
-    skip_counter.add_(~finite.all())
+    written = torch.lt(magnitude, limits)
+    torch.where(written, value, ring, out=ring)
+    skip_counter.add_(torch.count_nonzero(written).lt_(value.shape[0]))
+    # A matrix-vector product is the mean in one op; autocast would run it in half precision.
+    device = ring.device.type
+    with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
+          else contextlib.nullcontext()):
+        return torch.mv(ring.t(), mean_weights)
 
 
-class _StepState(NamedTuple):
-    """What one training step's backward needs besides x, γ and the forward statistics."""
+class _Step(NamedTuple):
+    """What one training step's backward needs besides the saved tensors."""
 
-    use_batch_stats: torch.Tensor  # () bool: ψ of this batch instead of the ring's mean
-    slot: torch.Tensor  # (1,) int64: this step's row of the rings
-    psi_buffer: torch.Tensor  # (m, C) backward ring, written in place
-    skip_counter: torch.Tensor  # () int64, incremented when ψ is not finite
-    zero_mean: torch.Tensor  # (C,) zeros in the statistics' dtype
-    eps: float
+    module: "MABN2d"  # its ψ ring, skip counter and constants
+    limits: torch.Tensor  # (m, 1) write limits of this step's ring row (see `record`)
+    averaged: torch.Tensor  # () bool: the rings' means instead of this batch's statistics
 
 
 class _MABNFunction(torch.autograd.Function):
     """y = γ·r·x/√(s²+ε) + β with MABN's averaged backward.
 
-    The forward statistics (s², r) are inputs computed by the module; the backward computes ψ,
-    records it in the backward ring and uses the ring's average once the warm-up is over.
+    The forward statistics are inputs computed by the module: s = r/√(s²+ε), 1/√(s²+ε) and s².
+    The backward computes ψ, records it in the backward ring and uses the ring's average once the
+    warm-up is over.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, var, renorm, state: _StepState):
-        # Eval-mode batch norm with mean 0 and variance s² is the affine map γ·r·x/√(s²+ε) + β in a
-        # single fused pass that keeps x's dtype and memory format.
-        y = F.batch_norm(x, state.zero_mean, var, weight * renorm, bias, False, 0.0, state.eps)
-        ctx.save_for_backward(x, weight, var, renorm)
-        # The ring and counter are module buffers written by the backward: kept by reference,
-        # outside autograd's saved-tensor version checks.
-        ctx.state = state
+    def forward(ctx, x, weight, bias, s, inv_std, var, step: _Step):
+        slope = weight * s
+        zero = step.module._zero
+        # Eval-mode batch norm with mean 0, variance 0 and ε = 1 is the affine map slope·x + β in
+        # one pass that keeps x's dtype and memory format and computes in float32.
+        y = F.batch_norm(x, zero, zero, slope, bias, False, 0.0, 1.0)
+        ctx.save_for_backward(x, weight, slope, s, inv_std, var)
+        # The ring and counter are module buffers written by the backward: reached through the
+        # module, outside autograd's saved-tensor version checks.
+        ctx.step = step
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, var, renorm = ctx.saved_tensors
-        state = ctx.state
-        sum_dy_x, sum_dy = channel_sums(grad_out, x)
-        inv_std = torch.rsqrt(var + state.eps)
-        grad_scale = weight * renorm * inv_std  # dy → g/σ
-        # ψ = mean(g·ẑ) = γ·r/σ · mean(dy·x)
-        psi = grad_scale * sum_dy_x / (x.numel() // x.shape[1])
-        record_finite_(state.psi_buffer, state.slot, psi, state.skip_counter)
-        psi_bar = torch.where(state.use_batch_stats, psi, state.psi_buffer.mean(0))
-        # dx = (g − ẑ·ψ̄)/σ = (γ·r/σ)·dy − (ψ̄/σ²)·x
-        grad_x = grad_out * _as_channel_map(grad_scale).to(grad_out.dtype)
-        grad_x.addcmul_(x, _as_channel_map(psi_bar * inv_std * inv_std).to(x.dtype), value=-1)
-        grad_weight = renorm * inv_std * sum_dy_x
-        return grad_x, grad_weight.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None
+        x, weight, slope, s, inv_std, var = ctx.saved_tensors
+        step = ctx.step
+        module = step.module
+        # dγ = r/σ·Σ dy·x and dβ = Σ dy in one pass.
+        grad_weight, grad_bias = channel_sums(grad_out, x, s, module._one, module._zero, True)
+        # ψ = mean(g·ẑ) = γ·r/σ·mean(dy·x) = γ·dγ/(N·H·W)
+        psi = torch.addcmul(module._zero, grad_weight, weight, value=x.shape[1] / x.numel())
+        psi_mean = record(module.psi_buffer, psi, psi.abs(), step.limits,
+                          module.skipped_backward_stats, module._ring_weights)
+        psi_bar = torch.where(step.averaged, psi_mean, psi)
+        # dx = (g − ẑ·ψ̄)/σ = slope·dy − (ψ̄/σ²)·x, with ψ̄/σ² as eval-mode batch norm of ψ̄
+        # whose γ is 1/σ.
+        psi_over_var = F.batch_norm(psi_bar.view(1, -1), module._zero, var, inv_std, None, False,
+                                    0.0, module.eps)
+        grad_x = grad_out * slope.view(1, -1, 1, 1).to(grad_out.dtype)
+        grad_x.addcmul_(x, psi_over_var.view(1, -1, 1, 1).to(x.dtype), value=-1)
+        return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None,
+                None)
+
+
+def _setting(name: str) -> property:
+    """A read-only view of a field of the layer's `MABNSettings`: the layer's constants are built
+    from them once."""
+    return property(lambda self: getattr(self._settings, name),
+                    doc=f"{name} (see `MABNSettings`); fixed at construction.")
+
+
+def triton_ticket_shape(num_features: int) -> Tuple[int, int]:
+    """Shape of the int32 tickets of the Triton path (see `mabn_det.layers.mabn_triton`): row 0
+    for the forward reduction, row 1 for the backward; in each, the layer's ticket and one per
+    channel tile (at most C), padded to 16 bytes so that both rows start aligned."""
+    return 2, 4 * math.ceil((1 + num_features) / 4)
 
 
 class MABN2d(nn.Module):
@@ -131,14 +163,24 @@ class MABN2d(nn.Module):
     ``skipped_forward_stats`` / ``skipped_backward_stats`` counters record it. An empty batch
     changes no buffer.
 
+    State: the parameters ``weight`` (γ) and ``bias`` (β), (C,); the buffers ``iteration`` (t, ()
+    int64), ``chi_buffer`` and ``psi_buffer`` (the rings, (m, C)), ``running_var`` (C,) and the
+    two skip counters (() int64). ``last_renorm``, the last training step's r, (C,) (1 before the
+    first), is a diagnostic: a buffer that moves with the module but is not saved, like the
+    constants the training step reads (``_zero``, ``_one``, ... built once from the settings).
+    Version history of the saved state: 1 (nn.Module's default, the layer up to 2026-12-06) and
+    2 (the version is declared) hold the same tensors, so a version-1 checkpoint loads as it is;
+    `_load_from_state_dict` is where a later version converts older ones.
+
     Args:
         num_features: C, the number of channels.
         **settings: the fields of `MABNSettings` (buffer_size, warmup_iters, renorm_warmup_iters,
             renorm_clip, momentum, eps, kernel); those not given take its defaults, the paper's
-            detection settings. ``kernel`` chooses how a training step is computed:
+            detection settings. All but ``kernel`` are fixed at construction. ``kernel`` chooses
+            how a training step is computed:
 
-            - ``"torch"``: PyTorch ops (65 per layer-step); the reference implementation, and
-              the only one for CPU tensors.
+            - ``"torch"``: PyTorch ops (see docs/benchmarks.md for how many); the reference
+              implementation, and the only one for CPU tensors.
             - ``"triton"``: for CUDA tensors, four fused Triton kernels per layer-step (two forward,
               two backward; see `mabn_det.layers.mabn_triton`), statistics in float32, outputs in
               the input's dtype, NCHW and channels_last. Inputs the kernels do not cover (float64,
@@ -155,31 +197,66 @@ class MABN2d(nn.Module):
         TypeError, ValueError: a setting of the wrong type or out of range (see `MABNSettings`).
     """
 
+    _version = 2
+
+    buffer_size = _setting("buffer_size")
+    warmup_iters = _setting("warmup_iters")
+    renorm_warmup_iters = _setting("renorm_warmup_iters")
+    renorm_clip = _setting("renorm_clip")
+    momentum = _setting("momentum")
+    eps = _setting("eps")
+
     def __init__(self, num_features: int, **settings):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be ≥ 1, got {num_features!r}")
-        checked = MABNSettings.from_user(str, **settings)
+        self._settings = MABNSettings.from_user(str, **settings)
         self.num_features = num_features
-        self.buffer_size = checked.buffer_size
-        self.warmup_iters = checked.warmup_iters
-        self.renorm_warmup_iters = checked.renorm_warmup_iters
-        self.renorm_clip = checked.renorm_clip
-        self.momentum = checked.momentum
-        self.eps = checked.eps
-        self.kernel = checked.kernel
+        self.kernel = self._settings.kernel
 
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        m = self.buffer_size
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.register_buffer("chi_buffer", torch.zeros(self.buffer_size, num_features))
-        self.register_buffer("psi_buffer", torch.zeros(self.buffer_size, num_features))
+        self.register_buffer("chi_buffer", torch.zeros(m, num_features))
+        self.register_buffer("psi_buffer", torch.zeros(m, num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("skipped_forward_stats", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_backward_stats", torch.zeros((), dtype=torch.long))
-        self.register_buffer("_zero_mean", torch.zeros(num_features), persistent=False)
-        # The last training step's r, (C,), kept by reference for diagnostics; not state.
-        self.last_renorm: torch.Tensor | None = None
+        self.register_buffer("last_renorm", torch.ones(num_features), persistent=False)
+        self._register_constants(torch.float32, torch.device("cpu"))
+
+    def _register_constants(self, dtype: torch.dtype, device: torch.device) -> None:
+        """The tensors a training step reads besides its state, as non-persistent buffers of the
+        statistics' dtype: built from the settings here and whenever the module moves or changes
+        dtype, never during a step."""
+        c, m, clip = self.num_features, self.buffer_size, self.renorm_clip
+        f = dict(dtype=dtype, device=device)
+        self.register_buffer("_zero", torch.zeros(c, **f), persistent=False)
+        self.register_buffer("_one", torch.ones(c, **f), persistent=False)
+        self.register_buffer("_ring_weights", torch.full((m,), 1.0 / m, **f), persistent=False)
+        # Row k: the limits of `record` when step t has t mod m = k.
+        limits = torch.zeros(m, m, **f).fill_diagonal_(torch.finfo(dtype).max)
+        self.register_buffer("_slot_limits", limits, persistent=False)
+        # The rings' means are used once t > max(m, warmup_iters − 1); r ≠ 1 once
+        # t > max(renorm_warmup_iters, warmup_iters).
+        ends = [max(m, self.warmup_iters - 1), max(self.renorm_warmup_iters, self.warmup_iters)]
+        self.register_buffer("_phase_ends", torch.tensor(ends, device=device), persistent=False)
+        # The clip bounds of r in rows 1-2, after a row of ones: (1, 1) before renormalisation
+        # starts, (1/clip, clip) after.
+        bounds = torch.ones(2, 3, c, **f)
+        bounds[1, 1], bounds[1, 2] = 1.0 / clip, clip
+        self.register_buffer("_renorm_bounds", bounds, persistent=False)
+        # Zero between launches of the Triton path, which therefore never allocates them (inside
+        # a CUDA-graph capture, say).
+        self.register_buffer("_triton_tickets", torch.zeros(
+            triton_ticket_shape(c), dtype=torch.int32, device=device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Rebuilt rather than converted, so that 1/m and 1/clip are exact in a wider dtype.
+        self._register_constants(self.running_var.dtype, self.running_var.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (N, C, H, W). Returns: (N, C, H, W), x's dtype."""
@@ -189,12 +266,12 @@ class MABN2d(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         if not self.training:
-            return F.batch_norm(x, self._zero_mean, self.running_var, self.weight, self.bias,
+            return F.batch_norm(x, self._zero, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         if x.numel() == 0:
             # An empty batch (a mask head with no foreground RoIs) holds no statistics.
-            return (x * _as_channel_map(self.weight).to(x.dtype)
-                    + _as_channel_map(self.bias).to(x.dtype))
+            return (x * self.weight.view(1, -1, 1, 1).to(x.dtype)
+                    + self.bias.view(1, -1, 1, 1).to(x.dtype))
         if self._uses_triton(x):
             from . import mabn_triton  # imports Triton: only when the Triton path runs
 
@@ -224,37 +301,47 @@ class MABN2d(nn.Module):
         return mabn_triton.supports(self, x)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.iteration.add_(1)
-        t = self.iteration
-        slot = torch.remainder(t, self.buffer_size).view(1)
+        t = self.iteration.add_(1)
+        limits = self._slot_limits.index_select(0, torch.remainder(t, self.buffer_size).view(1))
+        limits = limits.view(-1, 1)
+        averaged, renorm_on = torch.gt(t, self._phase_ends)
         stats_x = x.detach()
-        sum_sq, _ = channel_sums(stats_x, stats_x)
-        chi = sum_sq / (x.numel() // self.num_features)
-        record_finite_(self.chi_buffer, slot, chi, self.skipped_forward_stats)
-
-        use_batch_stats = (t <= self.buffer_size) | (t < self.warmup_iters)
-        var = torch.where(use_batch_stats, chi, self.chi_buffer.mean(0).to(chi.dtype))
-        running_var = self.running_var.to(var.dtype)
-        ratio = torch.sqrt((var + self.eps) / (running_var + self.eps))
-        renorm_started = t > max(self.renorm_warmup_iters, self.warmup_iters)
-        renorm = torch.where(
-            renorm_started, ratio.clamp(1.0 / self.renorm_clip, self.renorm_clip), 1.0
-        )
-        updated = torch.where(torch.isfinite(var), running_var.lerp(var, self.momentum),
-                              running_var)
-        self.running_var.copy_(updated)
-        self.last_renorm = renorm
-
-        state = _StepState(use_batch_stats, slot, self.psi_buffer, self.skipped_backward_stats,
-                           self._zero_mean.to(var.dtype), self.eps)
-        return _MABNFunction.apply(x, self.weight, self.bias, var, renorm, state)
+        sum_sq, _ = channel_sums(stats_x, stats_x, self._one, self._one, self._zero, False)
+        chi = torch.add(self._zero, sum_sq, alpha=self.num_features / x.numel())
+        chi_mean = record(self.chi_buffer, chi, chi, limits, self.skipped_forward_stats,
+                          self._ring_weights)
+        var = torch.where(averaged, chi_mean, chi)
+        # Rows 1/σ, lo/σ, hi/σ (σ = √(s²+ε), (lo, hi) the bounds of r) as eval-mode batch norm
+        # of the bounds' rows with variance s²; then r/σ = clip(1/√(running_var+ε), lo/σ, hi/σ),
+        # which is 1/σ until renormalisation starts.
+        bounds = torch.where(renorm_on, self._renorm_bounds[1], self._renorm_bounds[0])
+        inv_std, low, high = F.batch_norm(bounds, self._zero, var, None, None, False, 0.0,
+                                          self.eps)
+        inv_running_std = F.batch_norm(self._one.view(1, -1), self._zero, self.running_var, None,
+                                       None, False, 0.0, self.eps)[0]
+        s = torch.clamp(inv_running_std, low, high)
+        torch.div(s, inv_std, out=self.last_renorm)
+        # 1/σ > 0 exactly when s² is finite: a non-finite s² leaves running_var as it is.
+        updated = torch.lerp(self.running_var, var, self.momentum)
+        torch.where(torch.gt(inv_std, self._zero), updated, self.running_var,
+                    out=self.running_var)
+        step = _Step(self, limits, averaged)
+        return _MABNFunction.apply(x, self.weight, self.bias, s, inv_std, var, step)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        name = prefix.rstrip(".") or "MABN2d"
+        version = local_metadata.get("version")
+        if version is not None and version > self._version:
+            error_msgs.append(
+                f"{name}: checkpoint holds MABN2d state of version {version}, written by a newer "
+                f"mabn_det; this one reads versions up to {self._version}"
+            )
+            return
         ring = state_dict.get(prefix + "chi_buffer")
         if ring is not None and ring.shape[0] != self.buffer_size:
             error_msgs.append(
-                f"{prefix.rstrip('.')}: checkpoint has MABN buffer_size {ring.shape[0]}, this module has "
+                f"{name}: checkpoint has MABN buffer_size {ring.shape[0]}, this module has "
                 f"buffer_size {self.buffer_size}; build the model with the checkpoint's size"
             )
             return
@@ -262,7 +349,7 @@ class MABN2d(nn.Module):
             # Detectron2's checkpointer drops tensors whose shape differs before loading; a step
             # counter without its rings would average zeros after the warm-up.
             error_msgs.append(
-                f"{prefix.rstrip('.')}: checkpoint has an MABN step counter but no {prefix}chi_buffer "
+                f"{name}: checkpoint has an MABN step counter but no {prefix}chi_buffer "
                 f"(was it saved with a buffer_size other than {self.buffer_size}?)"
             )
             return

@@ -8,9 +8,10 @@ import dataclasses
 import numbers
 from typing import Callable, Mapping
 
-__all__ = ["KERNELS", "MABNSettings"]
+__all__ = ["KERNEL_CHOICES", "MABNSettings"]
 
-KERNELS = ("auto", "triton", "torch")
+# The values of the `kernel` setting (mabn_triton.KERNELS are the Triton kernels themselves).
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _check(values: Mapping[str, object], name_of: Callable[[str], str]) -> None:
         ("renorm_clip", v["renorm_clip"] >= 1.0, "≥ 1 (r is clipped to [1/clip, clip])"),
         ("momentum", 0.0 < v["momentum"] <= 1.0, "in (0, 1]"),
         ("eps", v["eps"] > 0.0, "> 0"),
-        ("kernel", v["kernel"] in KERNELS, f"one of {', '.join(map(repr, KERNELS))}"),
+        ("kernel", v["kernel"] in KERNEL_CHOICES, f"one of {', '.join(map(repr, KERNEL_CHOICES))}"),
     ]
     for name, ok, expected in ranges:
         if not ok:

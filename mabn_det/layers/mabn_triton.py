@@ -2,18 +2,23 @@
 
 Forward
     K1 (`_fwd_reduce_*`): split per-channel reduction of Σx² over a grid of channel tiles × S
-        splits (an NCHW tile is one channel, an NHWC tile up to CHANNEL_TILE channels). Every
-        program stores its partial sums, then takes a ticket of its tile (block barrier, then an
-        integer atomic add with acquire-release semantics). The program that draws a tile's last ticket combines the
-        tile's S partials in split order, whichever program finished first, with no float atomics,
-        and updates the tile's channels: χ into the forward ring (non-finite channels keep their old
-        entry), s², r, running_var and the two coefficients of the affine map. It then takes a
-        ticket of the layer, whose high bits count the tiles with a non-finite χ; the layer's last
-        tile advances the step counter and the skip counter. Each last program puts its ticket back
-        to 0, so no memset is launched; no program loops over all channels.
+        splits (an NCHW tile is one channel, an NHWC tile up to CHANNEL_TILE channels). With
+        S > 1, every program stores its partial sums, then takes a ticket of its tile (block
+        barrier, then an integer atomic add with acquire-release semantics). The program that
+        draws a tile's last ticket combines the tile's S partials, whichever program finished
+        first: it accumulates them into a 2-D register tile in split order and sums the tile's
+        rows once at the end, a fixed order, with no float atomics. With S = 1 (a constexpr
+        variant: res3-res5 in NCHW) a program owns its tile and skips partials, ticket and combine.
+        The tile's owner then updates the tile's channels: χ into the forward ring (non-finite
+        channels keep their old entry), s², r (also into the module's ``last_renorm``),
+        running_var and the two coefficients of the affine map. It then takes a ticket of the
+        layer, whose high bits count the tiles with a non-finite χ; the layer's last tile advances
+        the step counter and the skip counter. Each last program puts its ticket back to 0 with a
+        relaxed exchange (the launch boundary publishes it), so no memset is launched; no program
+        loops over all channels.
     K2 (`_scale_add_*` without v): y = a·x + b in x's dtype.
 Backward
-    K3 (`_bwd_reduce_*`): the same protocol for Σdy·x and Σdy; a tile's last program records ψ into
+    K3 (`_bwd_reduce_*`): the same protocol for Σdy·x and Σdy; a tile's owner records ψ into
         the backward ring and forms ψ̄, dγ, dβ and the coefficients of dx; the layer's last tile
         counts a non-finite ψ.
     K4 (`_scale_add_*`): dx = a·dy + b·x in x's dtype (a = γ·r/σ, b = −ψ̄/σ²).
@@ -22,12 +27,15 @@ Each kernel exists for NCHW (a [N·C, H·W] view with H·W contiguous) and NHWC 
 [N·H·W, C] matrix). NCHW kernels receive H·W as H·W / ROW_ALIGN and multiply it back by the
 constexpr ROW_ALIGN, so that the compiler knows rows start on 16-byte boundaries whenever they do
 (res4, res5 and the mask head are not multiples of 16 elements) and vectorises their loads.
-Statistics are accumulated and kept in float32 whatever the input dtype. Nothing here reads a
-device value on the host.
+Statistics are accumulated and kept in float32 whatever the input dtype. The tickets are the
+module's ``_triton_tickets`` buffer, allocated with the module (never during a step, so never
+inside a CUDA-graph capture). Kernels launch on the input's device, whichever device is current.
+Nothing here reads a device value on the host.
 
 The module imports Triton; `mabn_det` imports it only when a `MABN2d(kernel="triton")` layer sees a
 CUDA tensor (or a CPU tensor under ``TRITON_INTERPRET=1``, which is how the CPU tests run it).
 """
+import contextlib
 import os
 from typing import Tuple
 
@@ -46,7 +54,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TILE = 2048  # elements per program and loop iteration in the streaming kernels (16 per thread)
 MIN_BLOCK_HW = 256  # NCHW: the shortest row segment a tile may use to fit H·W more tightly
 CHANNEL_TILE = 64  # NHWC: channels per channel tile
-COMBINE_TILE = 1024  # partial sums loaded per iteration of a tile's combine
+COMBINE_TILE = 2048  # partial sums loaded per iteration of a tile's combine (its 2-D accumulator)
 RING_ROWS = 16  # ring rows loaded per iteration of a tile's update
 INTERPRETER_PROGRAMS = 8  # programs per reduction under the interpreter, which runs them serially
 NUM_WARPS = 4
@@ -65,7 +73,8 @@ MAX_CHANNELS = 2**15 - 1
 
 
 # --------------------------------------------------------------------------------------------
-# The ticket protocol and a tile's update, run by the last program of each channel tile.
+# The ticket protocol and a tile's update, run by the owner of each channel tile: its only
+# program (S = 1) or the last of its S programs to arrive.
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -78,6 +87,13 @@ def _take_ticket(ticket_ptr, increment):
 
 
 @triton.jit
+def _put_back(ticket_ptr):
+    """Reset a ticket that every program has drawn. Relaxed: nothing in this launch reads it
+    again, and the end of the launch makes the store visible to the next one."""
+    tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
+
+
+@triton.jit
 def _tile_is_complete(ticket_ptr, tile, S):
     """True in exactly one of the S programs of channel tile `tile`: the last to arrive."""
     return _take_ticket(ticket_ptr + 1 + tile, 1) == S - 1
@@ -85,24 +101,25 @@ def _tile_is_complete(ticket_ptr, tile, S):
 
 @triton.jit
 def _layer_is_complete(ticket_ptr, tile_bad):
-    """Called once per tile, by its last program, with tile_bad = 1 when a statistic of the tile
-    is not finite. Returns (whether this is the last tile, whether any tile was bad)."""
+    """Called once per tile, by its owner, with tile_bad = 1 when a statistic of the tile is not
+    finite. Returns (whether this is the last tile, whether any tile was bad)."""
     before = _take_ticket(ticket_ptr, 1 + tile_bad * _BAD_TILE)
     return (before % _BAD_TILE) == tl.num_programs(0) - 1, (before // _BAD_TILE + tile_bad) > 0
 
 
 @triton.jit
 def _combine(partial_ptr, S, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK_CT: tl.constexpr):
-    """Σ over the S rows of a [S, C] float32 partial-sum matrix for channels `cs`, in row order."""
+    """Σ over the S rows of a [S, C] float32 partial-sum matrix for channels `cs`: row s adds
+    into accumulator row s mod BLOCK_S, in split order, and the accumulator's rows are summed
+    once at the end; the order never depends on which program arrived last."""
     rows = tl.arange(0, BLOCK_S)
-    acc = tl.zeros((BLOCK_CT,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_CT), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         r = s0 + rows
-        mask = (r[:, None] < S) & cmask[None, :]
         # .cg: read from L2, where the other programs' stores are, never from a stale L1 line.
-        acc += tl.sum(tl.load(partial_ptr + r[:, None] * C + cs[None, :], mask=mask, other=0.0,
-                              cache_modifier=".cg"), axis=0)
-    return acc
+        acc += tl.load(partial_ptr + r[:, None] * C + cs[None, :],
+                       mask=(r[:, None] < S) & cmask[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -127,19 +144,19 @@ def _record_and_average(ring_ptr, m, slot, C, cs, cmask, value,
 
 
 @triton.jit
-def _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr, chi_ptr,
-                    running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, m, warmup_iters,
+def _forward_update(sum_sq, ticket_ptr, C, cs, count, iter_ptr, step_ptr, chi_ptr, running_ptr,
+                    skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr, m, warmup_iters,
                     renorm_after, eps, momentum, clip,
-                    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CT: tl.constexpr):
-    """The channels `cs` of one tile, then (last tile) the counters.
-    stats rows: 0 s², 1 r, 2 a = γ·r/√(s²+ε), 3 b = β."""
+                    BLOCK_M: tl.constexpr, BLOCK_CT: tl.constexpr):
+    """The channels `cs` of one tile, from their Σx², then (last tile) the counters.
+    stats rows: 0 s², 1 r, 2 a = γ·r/√(s²+ε), 3 b = β; r also into the module's last_renorm."""
     cmask = cs < C
     # Read before this tile's layer ticket; the counter is written only after the last one.
     t = tl.load(iter_ptr) + 1
     slot = t % m
     use_batch = (t <= m) | (t < warmup_iters)
     renorm_on = t > renorm_after
-    chi = _combine(partial_ptr, S, C, cs, cmask, BLOCK_S, BLOCK_CT) / count
+    chi = sum_sq / count
     bad, chi_mean = _record_and_average(chi_ptr, m, slot, C, cs, cmask, chi, BLOCK_M, BLOCK_CT)
     var = tl.where(use_batch, chi, chi_mean)
     running = tl.load(running_ptr + cs, mask=cmask, other=1.0)
@@ -154,6 +171,7 @@ def _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr
     beta = tl.load(bias_ptr + cs, mask=cmask, other=0.0)
     tl.store(stats_ptr + cs, var, mask=cmask)
     tl.store(stats_ptr + C + cs, r, mask=cmask)
+    tl.store(renorm_ptr + cs, r, mask=cmask)
     tl.store(stats_ptr + 2 * C + cs, (gamma * r) * (1.0 / tl.sqrt(var + eps)), mask=cmask)
     tl.store(stats_ptr + 3 * C + cs, beta, mask=cmask)
     last, any_bad = _layer_is_complete(ticket_ptr, tl.max(bad.to(tl.int32), axis=0))
@@ -161,21 +179,19 @@ def _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr
         tl.store(skip_ptr, tl.load(skip_ptr) + any_bad.to(tl.int64))
         tl.store(iter_ptr, t)
         tl.store(step_ptr, t)
-        tl.atomic_xchg(ticket_ptr, 0)
+        _put_back(ticket_ptr)
 
 
 @triton.jit
-def _backward_update(partial_ptr, ticket_ptr, S, C, cs, count, step_ptr, stats_ptr, weight_ptr,
+def _backward_update(sum_dy_x, sum_dy, ticket_ptr, C, cs, count, step_ptr, stats_ptr, weight_ptr,
                      psi_ptr, skip_ptr, out_ptr, m, warmup_iters, eps,
-                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CT: tl.constexpr):
-    """The channels `cs` of one tile, then (last tile) the skip counter.
-    out rows: 0 dγ, 1 dβ, 2 a = γ·r/σ, 3 b = −ψ̄/σ² (dx = a·dy + b·x)."""
+                     BLOCK_M: tl.constexpr, BLOCK_CT: tl.constexpr):
+    """The channels `cs` of one tile, from their Σdy·x and Σdy, then (last tile) the skip
+    counter. out rows: 0 dγ, 1 dβ, 2 a = γ·r/σ, 3 b = −ψ̄/σ² (dx = a·dy + b·x)."""
     cmask = cs < C
     t = tl.load(step_ptr)
     slot = t % m
     use_batch = (t <= m) | (t < warmup_iters)
-    sum_dy_x = _combine(partial_ptr, S, C, cs, cmask, BLOCK_S, BLOCK_CT)
-    sum_dy = _combine(partial_ptr + S * C, S, C, cs, cmask, BLOCK_S, BLOCK_CT)
     var = tl.load(stats_ptr + cs, mask=cmask, other=1.0)
     r = tl.load(stats_ptr + C + cs, mask=cmask, other=1.0)
     gamma = tl.load(weight_ptr + cs, mask=cmask, other=0.0)
@@ -191,12 +207,13 @@ def _backward_update(partial_ptr, ticket_ptr, S, C, cs, count, step_ptr, stats_p
     last, any_bad = _layer_is_complete(ticket_ptr, tl.max(bad.to(tl.int32), axis=0))
     if last:
         tl.store(skip_ptr, tl.load(skip_ptr) + any_bad.to(tl.int64))
-        tl.atomic_xchg(ticket_ptr, 0)
+        _put_back(ticket_ptr)
 
 
 # --------------------------------------------------------------------------------------------
 # K1 / K3: split reductions. Program (tile, split) sums the tiles split, split + S, ... of its
 # channels' elements; ticket_ptr points at [layer ticket, one ticket per channel tile].
+# SINGLE_SPLIT (S = 1) compiles the owner's path alone: no partials, tile ticket or combine.
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -211,10 +228,10 @@ def _nchw_offsets(tile, c, N, C, HW, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constex
 
 @triton.jit
 def _fwd_reduce_nchw(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr, running_ptr,
-                     skip_ptr, weight_ptr, bias_ptr, stats_ptr,
+                     skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr,
                      N, C, HW_Q, S, count, m, warmup_iters, renorm_after, eps, momentum, clip,
                      ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     c = tl.program_id(0)
     split = tl.program_id(1)
     HW = HW_Q * ROW_ALIGN
@@ -223,20 +240,27 @@ def _fwd_reduce_nchw(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr
         offs, mask = _nchw_offsets(tile, c, N, C, HW, BLOCK_N, BLOCK_HW)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc += v * v
-    tl.store(partial_ptr + split * C + c, tl.sum(tl.sum(acc, axis=1), axis=0))
-    if _tile_is_complete(ticket_ptr, c, S):
-        _forward_update(partial_ptr, ticket_ptr, S, C, c + tl.arange(0, 1), count, iter_ptr,
-                        step_ptr, chi_ptr, running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr,
-                        m, warmup_iters, renorm_after, eps, momentum, clip, BLOCK_S, BLOCK_M, 1)
-        tl.atomic_xchg(ticket_ptr + 1 + c, 0)
+    sum_sq = tl.sum(tl.sum(acc, axis=1), axis=0, keep_dims=True)
+    cs = c + tl.arange(0, 1)
+    owner = True
+    if not SINGLE_SPLIT:
+        tl.store(partial_ptr + split * C + cs, sum_sq)
+        owner = _tile_is_complete(ticket_ptr, c, S)
+        if owner:
+            sum_sq = _combine(partial_ptr, S, C, cs, cs < C, BLOCK_S, 1)
+            _put_back(ticket_ptr + 1 + c)
+    if owner:
+        _forward_update(sum_sq, ticket_ptr, C, cs, count, iter_ptr, step_ptr, chi_ptr,
+                        running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr, m,
+                        warmup_iters, renorm_after, eps, momentum, clip, BLOCK_M, 1)
 
 
 @triton.jit
 def _fwd_reduce_nhwc(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr, running_ptr,
-                     skip_ptr, weight_ptr, bias_ptr, stats_ptr,
+                     skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr,
                      R, C, S, count, m, warmup_iters, renorm_after, eps, momentum, clip,
                      BLOCK_R: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     ct = tl.program_id(0)
     cs = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
     split = tl.program_id(1)
@@ -248,19 +272,25 @@ def _fwd_reduce_nhwc(x_ptr, partial_ptr, ticket_ptr, iter_ptr, step_ptr, chi_ptr
                     mask=(rows[:, None] < R) & (cs[None, :] < C), other=0.0)
         v = v.to(tl.float32)
         acc += v * v
-    tl.store(partial_ptr + split * C + cs, tl.sum(acc, axis=0), mask=cs < C)
-    if _tile_is_complete(ticket_ptr, ct, S):
-        _forward_update(partial_ptr, ticket_ptr, S, C, cs, count, iter_ptr, step_ptr, chi_ptr,
-                        running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, m, warmup_iters,
-                        renorm_after, eps, momentum, clip, BLOCK_S, BLOCK_M, BLOCK_CT)
-        tl.atomic_xchg(ticket_ptr + 1 + ct, 0)
+    sum_sq = tl.sum(acc, axis=0)
+    owner = True
+    if not SINGLE_SPLIT:
+        tl.store(partial_ptr + split * C + cs, sum_sq, mask=cs < C)
+        owner = _tile_is_complete(ticket_ptr, ct, S)
+        if owner:
+            sum_sq = _combine(partial_ptr, S, C, cs, cs < C, BLOCK_S, BLOCK_CT)
+            _put_back(ticket_ptr + 1 + ct)
+    if owner:
+        _forward_update(sum_sq, ticket_ptr, C, cs, count, iter_ptr, step_ptr, chi_ptr,
+                        running_ptr, skip_ptr, weight_ptr, bias_ptr, stats_ptr, renorm_ptr, m,
+                        warmup_iters, renorm_after, eps, momentum, clip, BLOCK_M, BLOCK_CT)
 
 
 @triton.jit
 def _bwd_reduce_nchw(dy_ptr, x_ptr, partial_ptr, ticket_ptr, step_ptr, stats_ptr, weight_ptr,
                      psi_ptr, skip_ptr, out_ptr, N, C, HW_Q, S, count, m, warmup_iters, eps,
                      ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+                     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     c = tl.program_id(0)
     split = tl.program_id(1)
     HW = HW_Q * ROW_ALIGN
@@ -272,20 +302,28 @@ def _bwd_reduce_nchw(dy_ptr, x_ptr, partial_ptr, ticket_ptr, step_ptr, stats_ptr
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc_dyx += g * v
         acc_dy += g
-    tl.store(partial_ptr + split * C + c, tl.sum(tl.sum(acc_dyx, axis=1), axis=0))
-    tl.store(partial_ptr + (S + split) * C + c, tl.sum(tl.sum(acc_dy, axis=1), axis=0))
-    if _tile_is_complete(ticket_ptr, c, S):
-        _backward_update(partial_ptr, ticket_ptr, S, C, c + tl.arange(0, 1), count, step_ptr,
-                         stats_ptr, weight_ptr, psi_ptr, skip_ptr, out_ptr, m, warmup_iters, eps,
-                         BLOCK_S, BLOCK_M, 1)
-        tl.atomic_xchg(ticket_ptr + 1 + c, 0)
+    sum_dy_x = tl.sum(tl.sum(acc_dyx, axis=1), axis=0, keep_dims=True)
+    sum_dy = tl.sum(tl.sum(acc_dy, axis=1), axis=0, keep_dims=True)
+    cs = c + tl.arange(0, 1)
+    owner = True
+    if not SINGLE_SPLIT:
+        tl.store(partial_ptr + split * C + cs, sum_dy_x)
+        tl.store(partial_ptr + (S + split) * C + cs, sum_dy)
+        owner = _tile_is_complete(ticket_ptr, c, S)
+        if owner:
+            sum_dy_x = _combine(partial_ptr, S, C, cs, cs < C, BLOCK_S, 1)
+            sum_dy = _combine(partial_ptr + S * C, S, C, cs, cs < C, BLOCK_S, 1)
+            _put_back(ticket_ptr + 1 + c)
+    if owner:
+        _backward_update(sum_dy_x, sum_dy, ticket_ptr, C, cs, count, step_ptr, stats_ptr,
+                         weight_ptr, psi_ptr, skip_ptr, out_ptr, m, warmup_iters, eps, BLOCK_M, 1)
 
 
 @triton.jit
 def _bwd_reduce_nhwc(dy_ptr, x_ptr, partial_ptr, ticket_ptr, step_ptr, stats_ptr, weight_ptr,
                      psi_ptr, skip_ptr, out_ptr, R, C, S, count, m, warmup_iters, eps,
                      BLOCK_R: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     ct = tl.program_id(0)
     cs = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
     split = tl.program_id(1)
@@ -300,13 +338,21 @@ def _bwd_reduce_nhwc(dy_ptr, x_ptr, partial_ptr, ticket_ptr, step_ptr, stats_ptr
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc_dyx += g * v
         acc_dy += g
-    tl.store(partial_ptr + split * C + cs, tl.sum(acc_dyx, axis=0), mask=cs < C)
-    tl.store(partial_ptr + (S + split) * C + cs, tl.sum(acc_dy, axis=0), mask=cs < C)
-    if _tile_is_complete(ticket_ptr, ct, S):
-        _backward_update(partial_ptr, ticket_ptr, S, C, cs, count, step_ptr, stats_ptr, weight_ptr,
-                         psi_ptr, skip_ptr, out_ptr, m, warmup_iters, eps, BLOCK_S, BLOCK_M,
+    sum_dy_x = tl.sum(acc_dyx, axis=0)
+    sum_dy = tl.sum(acc_dy, axis=0)
+    owner = True
+    if not SINGLE_SPLIT:
+        tl.store(partial_ptr + split * C + cs, sum_dy_x, mask=cs < C)
+        tl.store(partial_ptr + (S + split) * C + cs, sum_dy, mask=cs < C)
+        owner = _tile_is_complete(ticket_ptr, ct, S)
+        if owner:
+            sum_dy_x = _combine(partial_ptr, S, C, cs, cs < C, BLOCK_S, BLOCK_CT)
+            sum_dy = _combine(partial_ptr + S * C, S, C, cs, cs < C, BLOCK_S, BLOCK_CT)
+            _put_back(ticket_ptr + 1 + ct)
+    if owner:
+        _backward_update(sum_dy_x, sum_dy, ticket_ptr, C, cs, count, step_ptr, stats_ptr,
+                         weight_ptr, psi_ptr, skip_ptr, out_ptr, m, warmup_iters, eps, BLOCK_M,
                          BLOCK_CT)
-        tl.atomic_xchg(ticket_ptr + 1 + ct, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +456,8 @@ class Plan:
         channel_tiles: the reductions' first grid dimension (C for NCHW).
         row_align: NCHW: H·W is passed as H·W / row_align (1 for NHWC).
         reduce_grid, elementwise_grid: launch grids.
-        reduce_blocks, elementwise_blocks: the constexprs of each kernel.
+        reduce_blocks, elementwise_blocks: the constexprs of each kernel (SINGLE_SPLIT when
+            splits is 1; BLOCK_S rows of partial sums per pass of the combine otherwise).
     """
 
     def __init__(self, shape: Tuple[int, int, int, int], channels_last: bool, buffer_size: int,
@@ -446,7 +493,8 @@ class Plan:
         self.splits = max(1, min(tiles, _MAX_SPLITS, target_programs // self.channel_tiles))
         self.reduce_grid = (self.channel_tiles, self.splits)
         self.reduce_blocks.update(BLOCK_S=min(_pow2(self.splits), max(1, COMBINE_TILE // block_ct)),
-                                  BLOCK_M=min(_pow2(buffer_size), RING_ROWS))
+                                  BLOCK_M=min(_pow2(buffer_size), RING_ROWS),
+                                  SINGLE_SPLIT=self.splits == 1)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -465,25 +513,21 @@ def supports(module, x: torch.Tensor) -> bool:
     if x.shape[1] > MAX_CHANNELS:
         return False
     tensors = (module.weight, module.bias, module.chi_buffer, module.psi_buffer,
-               module.running_var)
-    return all(t.dtype == torch.float32 and t.device == x.device for t in tensors)
+               module.running_var, module.last_renorm)
+    return (all(t.dtype == torch.float32 and t.device == x.device for t in tensors)
+            and module._triton_tickets.device == x.device)
+
+
+def launch_device(device: torch.device):
+    """The context the kernels launch in: Triton launches on the current CUDA device, which must
+    be the input's (an input on cuda:1 while cuda:0 is current would otherwise fault or read peer
+    memory)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
-def tickets(module, device: torch.device) -> torch.Tensor:
-    """The int32 tickets of a module on a device, zero between launches: row 0 for K1, row 1 for
-    K3; in each, the layer's ticket and then one per channel tile (at most C). Rows are padded to
-    16 bytes, so that both start as aligned as the kernels were compiled for."""
-    store = module.__dict__.setdefault("_triton_tickets", {})
-    ticket = store.get(device)
-    if ticket is None:
-        width = 4 * triton.cdiv(1 + module.num_features, 4)
-        ticket = store[device] = torch.zeros(2, width, dtype=torch.int32, device=device)
-    return ticket
 
 
 class _MABNTritonFunction(torch.autograd.Function):
@@ -503,21 +547,24 @@ class _MABNTritonFunction(torch.autograd.Function):
                       renorm_after=max(module.renorm_warmup_iters, module.warmup_iters),
                       eps=module.eps, momentum=module.momentum, clip=module.renorm_clip,
                       **REDUCE_OPTIONS, **plan.reduce_blocks)
-        buffers = (partials, tickets(module, x.device)[0], module.iteration, step,
+        buffers = (partials, module._triton_tickets[0], module.iteration, step,
                    module.chi_buffer, module.running_var, module.skipped_forward_stats, weight,
-                   bias, stats)
+                   bias, stats, module.last_renorm)
         y = torch.empty_like(x)
         affine = dict(HAS_V=False, **ELEMENTWISE_OPTIONS, **plan.elementwise_blocks)
-        if channels_last:
-            _fwd_reduce_nhwc[plan.reduce_grid](x, *buffers, n * h * w, c, plan.splits, **common)
-            _scale_add_nhwc[plan.elementwise_grid](x, x, y, stats[2], n * h * w, c, **affine)
-        else:
-            hw_q = h * w // plan.row_align
-            _fwd_reduce_nchw[plan.reduce_grid](x, *buffers, n, c, hw_q, plan.splits, **common)
-            _scale_add_nchw[plan.elementwise_grid](x, x, y, stats[2], n * c, c, hw_q, **affine)
+        with launch_device(x.device):
+            if channels_last:
+                _fwd_reduce_nhwc[plan.reduce_grid](x, *buffers, n * h * w, c, plan.splits,
+                                                   **common)
+                _scale_add_nhwc[plan.elementwise_grid](x, x, y, stats[2], n * h * w, c, **affine)
+            else:
+                hw_q = h * w // plan.row_align
+                _fwd_reduce_nchw[plan.reduce_grid](x, *buffers, n, c, hw_q, plan.splits,
+                                                   **common)
+                _scale_add_nchw[plan.elementwise_grid](x, x, y, stats[2], n * c, c, hw_q,
+                                                       **affine)
         ctx.save_for_backward(x, weight, stats, step)
         ctx.plan, ctx.module = plan, module
-        module.last_renorm = stats[1]
         return y
 
     @staticmethod
@@ -532,21 +579,24 @@ class _MABNTritonFunction(torch.autograd.Function):
         common = dict(count=float(n * h * w), m=module.buffer_size,
                       warmup_iters=module.warmup_iters, eps=module.eps, **REDUCE_OPTIONS,
                       **plan.reduce_blocks)
-        buffers = (partials, tickets(module, x.device)[1], step, stats, weight,
+        buffers = (partials, module._triton_tickets[1], step, stats, weight,
                    module.psi_buffer, module.skipped_backward_stats, out)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dx = dict(HAS_V=True, **ELEMENTWISE_OPTIONS, **plan.elementwise_blocks)
-        if plan.channels_last:
-            _bwd_reduce_nhwc[plan.reduce_grid](dy, x, *buffers, n * h * w, c, plan.splits,
-                                               **common)
-            if grad_x is not None:
-                _scale_add_nhwc[plan.elementwise_grid](dy, x, grad_x, out[2], n * h * w, c, **dx)
-        else:
-            hw_q = h * w // plan.row_align
-            _bwd_reduce_nchw[plan.reduce_grid](dy, x, *buffers, n, c, hw_q, plan.splits, **common)
-            if grad_x is not None:
-                _scale_add_nchw[plan.elementwise_grid](dy, x, grad_x, out[2], n * c, c, hw_q,
-                                                       **dx)
+        with launch_device(x.device):
+            if plan.channels_last:
+                _bwd_reduce_nhwc[plan.reduce_grid](dy, x, *buffers, n * h * w, c, plan.splits,
+                                                   **common)
+                if grad_x is not None:
+                    _scale_add_nhwc[plan.elementwise_grid](dy, x, grad_x, out[2], n * h * w, c,
+                                                           **dx)
+            else:
+                hw_q = h * w // plan.row_align
+                _bwd_reduce_nchw[plan.reduce_grid](dy, x, *buffers, n, c, hw_q, plan.splits,
+                                                   **common)
+                if grad_x is not None:
+                    _scale_add_nchw[plan.elementwise_grid](dy, x, grad_x, out[2], n * c, c, hw_q,
+                                                           **dx)
         return grad_x, out[0].to(weight.dtype), out[1].to(weight.dtype), None
 
 

@@ -114,6 +114,7 @@ def compile_variant(variant: Variant) -> Compiled:
 _BARRIER = re.compile(r"^\s*(?:@%p\d+\s+)?(?:bar|barrier)\.sync\b")
 _TICKET = re.compile(r"\batom\.(?:[\w]+\.)*acq_rel\.(?:[\w]+\.)*add\.[us]32\b")
 _RESET = re.compile(r"\batom\.(?:[\w]+\.)*exch\.b32\b")
+_RELAXED = re.compile(r"\.relaxed\.")
 _ANY_ATOMIC = re.compile(r"\b(?:atom|red)\.")
 _COMBINE_LOAD = re.compile(r"\bld\.global\.cg\.")
 _GLOBAL_ACCESS = re.compile(r"\b(?:ld|st)\.global\.")
@@ -122,12 +123,14 @@ _GLOBAL_ACCESS = re.compile(r"\b(?:ld|st)\.global\.")
 def protocol_problems(variant: Variant, ptx: str) -> List[str]:
     """What the PTX of a kernel lacks of the ticket protocol; [] when nothing.
 
-    A reduction takes two tickets (its channel tile's, then the layer's in the tile's last
-    program), each an acquire-release integer add by a single (predicated) thread, preceded by a
-    block barrier with no global memory access between them; reads the partial sums of other
-    programs with .cg loads (L2, not a stale L1 line), after a barrier that follows the ticket
-    (which is broadcast through shared memory); and puts both tickets back to 0 with an atomic
-    exchange. No other atomics: no float atomics anywhere. The element-wise kernels have none.
+    A reduction takes the layer's ticket in each tile's owner and, with several splits
+    (SINGLE_SPLIT False), its channel tile's ticket before: each an acquire-release integer add
+    by a single (predicated) thread, preceded by a block barrier with no global memory access
+    between them. With several splits it reads the partial sums of other programs with .cg loads
+    (L2, not a stale L1 line), after a barrier that follows the tile's ticket (which is broadcast
+    through shared memory); with one split it reads none. It puts every ticket back to 0 with a
+    relaxed atomic exchange. No other atomics: no float atomics anywhere. The element-wise kernels
+    have none.
     """
     lines = [line.split("//")[0] for line in ptx.splitlines()]
     atomics = [i for i, line in enumerate(lines) if _ANY_ATOMIC.search(line)]
@@ -135,11 +138,13 @@ def protocol_problems(variant: Variant, ptx: str) -> List[str]:
     resets = [i for i in atomics if _RESET.search(lines[i])]
     if "reduce" not in variant.kernel:
         return [f"{len(atomics)} atomics in an element-wise kernel"] if atomics else []
+    single = dict(variant.constexprs)["SINGLE_SPLIT"]
+    expected = 1 if single else 2
     problems = []
-    if len(tickets) != 2 or len(resets) != 2 or len(atomics) != 4:
+    if len(tickets) != expected or len(resets) != expected or len(atomics) != 2 * expected:
         others = len(atomics) - len(tickets) - len(resets)
-        problems.append(f"expected 2 acq_rel ticket adds, 2 exchanges and nothing else, found "
-                        f"{len(tickets)}, {len(resets)} and {others}")
+        problems.append(f"expected {expected} acq_rel ticket adds, {expected} exchanges and "
+                        f"nothing else, found {len(tickets)}, {len(resets)} and {others}")
     for i in tickets:
         # A scalar atomic runs in one thread (a predicate on the thread index), whose result the
         # others read from shared memory; unpredicated, every thread would draw a ticket.
@@ -150,8 +155,13 @@ def protocol_problems(variant: Variant, ptx: str) -> List[str]:
         if before is None or not _BARRIER.search(lines[before]):
             problems.append(f"no block barrier between the last global access and the ticket "
                             f"at PTX line {i + 1}")
+    problems += [f"the reset at PTX line {i + 1} is not relaxed" for i in resets
+                 if not _RELAXED.search(lines[i])]
     combine = [i for i, line in enumerate(lines) if _COMBINE_LOAD.search(line)]
-    if not combine:
+    if single:
+        if combine:
+            problems.append("a single-split kernel reads partial sums")
+    elif not combine:
         problems.append("no .cg load of the partial sums")
     elif not tickets or combine[0] < tickets[0] or not any(
             _BARRIER.search(line) for line in lines[tickets[0]:combine[0]]):

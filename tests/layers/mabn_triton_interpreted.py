@@ -3,7 +3,8 @@
 Not a test module: tests/layers/test_mabn_triton.py runs it once, in a subprocess with
 TRITON_INTERPRET=1 (Triton reads it when the kernels are defined), and reads the JSON it prints:
 
-    {"<scenario>": {"failures": [...], "shuffled": [...] | null, "triton_steps": int, ...}, ...}
+    {"<scenario>": {"failures": [...], "shuffled": [...] | null, "triton_steps": int, ...}, ...,
+     "device_guard": {"launches": int, "outside": [...], "devices": [...]}}
 
 Every scenario trains both layers on the same inputs through the warm-up (batch statistics), ring
 averaging, clipped renormalisation, a NaN input, an empty batch and an infinite gradient, and
@@ -11,6 +12,8 @@ compares y, dx, dγ, dβ and every buffer after every step, and checks that ever
 0. The SHUFFLED scenarios then train Triton layers again with each launch's programs run in a
 random order ("shuffled": failures, or null when not run): the interpreter otherwise always
 runs them in grid order, and the result must not depend on which program arrives last.
+"device_guard" lists the kernel launches made outside `mabn_triton.launch_device` and the devices
+it was entered with.
 """
 import contextlib
 import itertools
@@ -32,9 +35,10 @@ STEPS = 9
 NAN_STEP, EMPTY_STEP, INF_GRAD_STEP = 6, 7, 8
 # Tiny tiles (TILE elements per program iteration, CHANNEL_TILE channels per NHWC tile, COMBINE_TILE
 # partial sums and RING_ROWS ring rows per update iteration, PROGRAMS per reduction) make even these
-# small inputs use several splits and channel tiles, masked tails and loops in the tiles' updates;
-# "default" keeps the production tile sizes.
-SMALL_TILES = dict(TILE=64, MIN_BLOCK_HW=8, CHANNEL_TILE=4, COMBINE_TILE=4, RING_ROWS=1,
+# small inputs use several splits and channel tiles, masked tails, a combine that accumulates a
+# 2-D tile over several passes and loops in the tiles' updates; "default" keeps the production tile
+# sizes (and with them one split per channel tile: the SINGLE_SPLIT kernels).
+SMALL_TILES = dict(TILE=64, MIN_BLOCK_HW=8, CHANNEL_TILE=4, COMBINE_TILE=8, RING_ROWS=1,
                    INTERPRETER_PROGRAMS=16)
 SCENARIOS = {
     f"{layout}-{'x'.join(map(str, shape))}-{dtype}": (layout, shape, dtype, SMALL_TILES)
@@ -46,9 +50,10 @@ SCENARIOS = {
     ]
 }
 SCENARIOS["nchw-2x8x7x7-float32-default-tiles"] = ("nchw", (2, 8, 7, 7), "float32", {})
+SCENARIOS["nhwc-1x8x2x3-float32-default-tiles"] = ("nhwc", (1, 8, 2, 3), "float32", {})
 # Scenarios run again with each launch's programs in a random order (one seed per run): the
 # results must not change in a single bit.
-SHUFFLED = ("nchw-2x8x7x7-float32", "nhwc-2x8x7x7-bfloat16")
+SHUFFLED = ("nchw-2x8x7x7-float32", "nhwc-2x8x7x7-bfloat16", "nchw-2x8x7x7-float32-default-tiles")
 SHUFFLE_SEEDS = (1, 2, 3)
 
 
@@ -121,7 +126,7 @@ def _snapshot(layer, outputs):
 
 
 def _ticket_failures(layer, step):
-    held = mabn_triton.tickets(layer, torch.device("cpu"))
+    held = layer._triton_tickets
     return [] if not held.any() else [f"step {step}: tickets not back at 0: {held.tolist()}"]
 
 
@@ -215,6 +220,42 @@ def run_shuffled(layout, shape, dtype_name, seed, expected):
     return failures
 
 
+class _GuardedLaunches:
+    """Stands in for a kernel of `mabn_triton` and records whether each of its launches happens
+    inside `launch_device`."""
+
+    def __init__(self, kernel, guard):
+        self.kernel, self.guard = kernel, guard
+
+    def __getitem__(self, grid):
+        self.guard["launches"] += 1
+        if not self.guard["inside"]:
+            self.guard["outside"].append(self.kernel.__name__)
+        return self.kernel[grid]
+
+
+def watch_launch_device():
+    """Route every kernel launch of `mabn_triton` through `_GuardedLaunches`; returns the record
+    ({"launches", "outside", "devices"}) that they and `launch_device` fill in."""
+    guard = {"launches": 0, "outside": [], "devices": [], "inside": False}
+    enter = mabn_triton.launch_device
+
+    @contextlib.contextmanager
+    def recording(device):
+        guard["devices"].append(str(device))
+        with enter(device):
+            guard["inside"] = True
+            try:
+                yield
+            finally:
+                guard["inside"] = False
+
+    mabn_triton.launch_device = recording
+    for kernel in mabn_triton.KERNELS.values():
+        setattr(mabn_triton, kernel.__name__, _GuardedLaunches(kernel, guard))
+    return guard
+
+
 def main():
     if not mabn_triton.INTERPRETED:
         sys.exit("run with TRITON_INTERPRET=1")
@@ -226,6 +267,7 @@ def main():
         return original(module, x)
 
     mabn_triton.mabn_train_step = counting
+    guard = watch_launch_device()
     report = {}
     defaults = {k: getattr(mabn_triton, k) for k in SMALL_TILES}
     names = sys.argv[1:] or list(SCENARIOS)
@@ -244,6 +286,7 @@ def main():
         if name in SHUFFLED:
             report[name]["shuffled"] = [failure for seed in SHUFFLE_SEEDS for failure in
                                         run_shuffled(layout, shape, dtype, seed, trace)]
+    report["device_guard"] = {key: guard[key] for key in ("launches", "outside", "devices")}
     print(json.dumps(report))
 
 

@@ -52,33 +52,62 @@ def test_interpreted_kernels_do_not_depend_on_the_programs_order(interpreted_rep
     assert shuffled == [], "\n".join(shuffled)
 
 
-def test_interpreted_scenarios_cover_splits_tiles_and_update_loops():
-    # Guards the test's own coverage: several programs per channel tile, several NHWC channel
-    # tiles, loops over the partial sums and over the ring in the tiles' updates, segments of
-    # NCHW rows with a masked tail, and NCHW rows aligned to more than one element.
+def _scenario_plans():
+    """(plan, shape, whether shuffled) of every interpreted scenario, with its own tile sizes."""
     from mabn_det.layers import mabn_triton
 
     saved = {k: getattr(mabn_triton, k) for k in interpreted.SMALL_TILES}
+    plans = []
     try:
-        for key, value in interpreted.SMALL_TILES.items():
-            setattr(mabn_triton, key, value)
-        small = [(layout, shape, getattr(torch, dtype))
-                 for layout, shape, dtype, tiles in interpreted.SCENARIOS.values() if tiles]
-        plans = [(mabn_triton.Plan(shape, layout == "nhwc", interpreted.LAYER["buffer_size"],
-                                   mabn_triton.INTERPRETER_PROGRAMS, dtype.itemsize), shape)
-                 for layout, shape, dtype in small]
+        for name, (layout, shape, dtype, tiles) in interpreted.SCENARIOS.items():
+            for key, value in {**saved, **tiles}.items():
+                setattr(mabn_triton, key, value)
+            plan = mabn_triton.Plan(shape, layout == "nhwc", interpreted.LAYER["buffer_size"],
+                                    mabn_triton.INTERPRETER_PROGRAMS,
+                                    getattr(torch, dtype).itemsize)
+            plans.append((plan, shape, name in interpreted.SHUFFLED))
     finally:
         for key, value in saved.items():
             setattr(mabn_triton, key, value)
-    nchw = [(p, shape) for p, shape in plans if not p.channels_last]
-    nhwc = [p for p, _ in plans if p.channels_last]
-    assert any(p.splits > p.reduce_blocks["BLOCK_S"] for p, _ in plans)  # combine loop
-    assert all(p.reduce_blocks["BLOCK_M"] < interpreted.LAYER["buffer_size"] for p, _ in plans)
+    return plans
+
+
+def test_interpreted_scenarios_cover_splits_tiles_and_update_loops():
+    # Guards the test's own coverage: several programs per channel tile, several NHWC channel
+    # tiles, a combine that accumulates a 2-D tile over several passes, one split per channel
+    # tile (shuffled too) in both layouts, loops over the ring in the tiles' updates, segments of
+    # NCHW rows with a masked tail, and NCHW rows aligned to more than one element.
+    plans = _scenario_plans()
+    nchw = [(p, shape) for p, shape, _ in plans if not p.channels_last]
+    nhwc = [p for p, _, _ in plans if p.channels_last]
+    assert any(p.splits > p.reduce_blocks["BLOCK_S"] > 1 and p.reduce_blocks["BLOCK_CT"] > 1
+               for p in nhwc)
     assert any(p.splits > 1 for p, _ in nchw) and any(p.splits > 1 for p in nhwc)
     assert any(p.channel_tiles > 1 and p.splits > 1 for p in nhwc)
+    for p, _, _ in plans:
+        assert p.reduce_blocks["SINGLE_SPLIT"] == (p.splits == 1)
+    assert any(p.splits == 1 for p, _ in nchw) and any(p.splits == 1 for p in nhwc)
+    assert any(p.splits == 1 and shuffled for p, _, shuffled in plans)
+    assert any(p.reduce_blocks["BLOCK_M"] < interpreted.LAYER["buffer_size"]
+               for p, _, _ in plans)
     assert any((shape[2] * shape[3]) % p.reduce_blocks["BLOCK_HW"] for p, shape in nchw)
     assert any(p.row_align > 1 for p, _ in nchw)
     assert set(interpreted.SHUFFLED) <= set(interpreted.SCENARIOS)
+
+
+def test_interpreted_kernels_launch_under_the_inputs_device(interpreted_report):
+    guard = interpreted_report["device_guard"]
+    assert guard["launches"] > 0 and guard["outside"] == []
+    assert set(guard["devices"]) == {"cpu"}
+
+
+def test_launch_device_is_the_inputs_cuda_device():
+    # Constructing the guard touches no GPU: it names the device that launches will use.
+    from mabn_det.layers import mabn_triton
+
+    guard = mabn_triton.launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(mabn_triton.launch_device(torch.device("cpu")), torch.cuda.device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,10 +124,13 @@ def aot():
 
 def test_every_kernel_variant_compiles_for_sm90_and_keeps_the_ticket_protocol(aot):
     # Every variant that the R50-FPN shapes launch (stem, res2-res5, box and mask heads; NCHW and
-    # NHWC; float32, float16, bfloat16): no spills, 128-bit loads wherever rows allow them, and
-    # in the PTX the instructions the ticket protocol needs (aot.protocol_problems).
+    # NHWC; float32, float16, bfloat16; one split per channel tile and several): no spills, 128-bit
+    # loads wherever rows allow them, and in the PTX the instructions the ticket protocol needs
+    # (aot.protocol_problems).
     failures, table = [], []
-    for variant in aot.all_bench_variants():
+    variants = aot.all_bench_variants()
+    assert {dict(v.constexprs).get("SINGLE_SPLIT") for v in variants} == {None, False, True}
+    for variant in variants:
         compiled = aot.compile_variant(variant)
         table.append(f"{variant.label}: {compiled.registers} registers, "
                      f"{compiled.spill_bytes} spill bytes, {compiled.vector_loads} vector loads")
@@ -111,8 +143,10 @@ def test_every_kernel_variant_compiles_for_sm90_and_keeps_the_ticket_protocol(ao
     assert not failures, "\n".join(failures)
 
 
-def test_protocol_check_finds_a_broken_ticket_protocol(aot):
-    variant = next(v for v in aot.all_bench_variants() if v.kernel == "bwd_reduce_nhwc")
+@pytest.mark.parametrize("single_split", [False, True], ids=["splits", "single-split"])
+def test_protocol_check_finds_a_broken_ticket_protocol(aot, single_split):
+    variant = next(v for v in aot.all_bench_variants() if "bwd_reduce" in v.kernel
+                   and dict(v.constexprs)["SINGLE_SPLIT"] == single_split)
     ptx = aot.compile_variant(variant).ptx
     assert aot.protocol_problems(variant, ptx) == []
     lines = ptx.splitlines()
@@ -124,7 +158,11 @@ def test_protocol_check_finds_a_broken_ticket_protocol(aot):
         "every thread draws": "\n".join(lines[:ticket] + [re.sub(r"@%p\d+\s+", "", lines[ticket])]
                                          + lines[ticket + 1:]),
         "no reset": "\n".join(line for line in lines if ".exch." not in line),
-        "float atomic": ptx.replace("ld.global.cg.", "atom.global.gpu.relaxed.add.f32.", 1),
+        "acq_rel reset": ptx.replace("relaxed.exch", "acq_rel.exch", 1),
+        "float atomic": ptx.replace("ld.global.", "atom.global.gpu.relaxed.add.f32.", 1),
+        "partial sums in one split" if single_split else "no combine":
+            ptx.replace("ld.global.", "ld.global.cg.", 1) if single_split
+            else ptx.replace("ld.global.cg.", "ld.global."),
     }
     for what, text in broken.items():
         assert aot.protocol_problems(variant, text), what
@@ -161,7 +199,8 @@ def test_triton_path_is_chosen_for_cuda_only_when_asked(kernel, expected, monkey
     # The layer's tensors as if moved to the GPU (supports() reads their dtype and device).
     on_gpu = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda", 0))
     gpu_layer = types.SimpleNamespace(weight=on_gpu, bias=on_gpu, chi_buffer=on_gpu,
-                                      psi_buffer=on_gpu, running_var=on_gpu)
+                                      psi_buffer=on_gpu, running_var=on_gpu, last_renorm=on_gpu,
+                                      _triton_tickets=on_gpu)
     real_supports = mabn_triton.supports
     monkeypatch.setattr(mabn_triton, "supports", lambda module, x: real_supports(gpu_layer, x))
     assert layer._uses_triton(_fake_cuda_input()) is expected

@@ -1,10 +1,12 @@
 """The launch plan of the MABN Triton kernels at production shapes, checked in pure Python.
 
 The interpreted tests run the kernels on tiny inputs; here the grids and tiles that `Plan` chooses
-for Mask R-CNN R50-FPN (res2-res5, box and mask heads; 1 and 2 images; NCHW and NHWC) are walked
-program by program, mirroring the kernels' index arithmetic: every element must be read by
-exactly one program of each kernel, and every offset the kernels compute, masked lanes included,
-must fit an int32. Run with -s to see each plan's waves and lane use.
+for Mask R-CNN R50-FPN (the 64- and 128-channel convs inside res2 and res3, res2-res5, box and
+mask heads; 1 and 2 images; NCHW and NHWC) are walked program by program, mirroring the kernels'
+index arithmetic: every element must be read by exactly one program of each kernel, and every
+offset the kernels compute, masked lanes included, must fit an int32. The reductions' owner paths
+are checked too: the single-split variant exactly when a tile has one program, and a short
+combine otherwise. Run with -s to see each plan's waves, lane use and combine passes.
 """
 import numpy as np
 import pytest
@@ -16,11 +18,15 @@ from mabn_det.layers import mabn_triton  # noqa: E402
 H100_PROGRAMS = 4 * 132  # what the plan targets on an H100/H200 (4 programs per SM)
 BUFFER_SIZE = 16
 INT32_LIMIT = 2**31
+# Passes of a tile owner's combine over the S partial sums (BLOCK_S rows each): at most 17, at 64
+# channels in NHWC (one channel tile, 528 splits).
+MAX_COMBINE_PASSES = 17
 
 
 def production_shapes(images: int):
     """R50-FPN at 800×1216 for `images` images; the heads see 512 RoIs and 64 detections each."""
-    return {"res2": (images, 256, 200, 336), "res3": (images, 512, 100, 168),
+    return {"res2 conv1-2": (images, 64, 200, 336), "res3 conv1-2": (images, 128, 100, 168),
+            "res2": (images, 256, 200, 336), "res3": (images, 512, 100, 168),
             "res4": (images, 1024, 50, 84), "res5": (images, 2048, 25, 42),
             "box head": (512 * images, 256, 7, 7), "mask head": (64 * images, 256, 14, 14)}
 
@@ -121,12 +127,20 @@ def test_production_plans_cover_every_element_once_within_int32(images):
                 problems += elementwise.problems(f"{label} element-wise")
                 numel = int(np.prod(shape))
                 reduce_programs = plan.reduce_grid[0] * plan.reduce_grid[1]
+                passes = triton.cdiv(plan.splits, plan.reduce_blocks["BLOCK_S"])
+                single = plan.reduce_blocks["SINGLE_SPLIT"]
                 report.append(
                     f"{label}: reduction {plan.reduce_grid} = "
                     f"{reduce_programs / H100_PROGRAMS:.2f} waves, lane use "
-                    f"{numel / reduction.lanes:.0%}; element-wise {plan.elementwise_grid[0]} "
+                    f"{numel / reduction.lanes:.0%}, "
+                    f"{'one split' if single else f'combine in {passes} passes'}; "
+                    f"element-wise {plan.elementwise_grid[0]} "
                     f"programs = {plan.elementwise_grid[0] / H100_PROGRAMS:.1f} waves, lane use "
                     f"{numel / elementwise.lanes:.0%}; row align {plan.row_align}")
+                if single != (plan.splits == 1) or plan.reduce_grid[1] != plan.splits:
+                    problems.append(f"{label}: SINGLE_SPLIT {single} with {plan.splits} splits")
+                if passes > MAX_COMBINE_PASSES:
+                    problems.append(f"{label}: the combine takes {passes} passes")
                 # The plan never leaves a partly filled second wave of reduction programs.
                 if reduce_programs > H100_PROGRAMS and plan.splits > 1:
                     problems.append(f"{label}: {reduce_programs} reduction programs")
@@ -134,6 +148,9 @@ def test_production_plans_cover_every_element_once_within_int32(images):
                 assert numel + mabn_triton.TILE * shape[1] < INT32_LIMIT
     print("\n".join(report))
     assert not problems, "\n".join(problems)
+    # Both owner paths occur: one split per channel (res3-res5 NCHW) and a combine.
+    assert any("one split" in line for line in report)
+    assert any("combine in" in line for line in report)
 
 
 def test_walk_finds_a_plan_that_misses_elements():
