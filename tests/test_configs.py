@@ -104,8 +104,8 @@ def test_training_check_names_the_keys_it_is_given():
     check_training(**lazy)
 
 
-def test_readme_key_table_shows_the_defaults_of_the_one_home():
-    with open(os.path.join(REPO, "README.md")) as f:
+def test_configuration_key_table_shows_the_defaults_of_the_one_home():
+    with open(os.path.join(REPO, "docs", "configuration.md")) as f:
         rows = re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", f.read(), flags=re.MULTILINE)
     shown = {key: ast.literal_eval(default.strip()) for key, default in rows}
     assert shown == dict(load_config().MODEL.MABN)
