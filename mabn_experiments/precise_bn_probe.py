@@ -37,7 +37,7 @@ from mabn_det.layers import MABN2d
 from .plots import save_with_legends
 from .runs import describe_machine, markdown_table
 from .shapes import register_shapes_split
-from .study import coco_ap
+from .study import coco_aps
 
 __all__ = ["PARTS", "output_gain", "probe"]
 
@@ -79,7 +79,7 @@ def _evaluate(cfg, model, layers: Dict[str, MABN2d],
         for name, var in statistics.items():
             layers[name].running_var.copy_(var)
     results = Trainer.test(cfg, model)
-    return {"bbox_AP": coco_ap(results, "bbox"), "segm_AP": coco_ap(results, "segm")}
+    return coco_aps(results)
 
 
 def _precise_statistics(cfg, model, layers: Dict[str, MABN2d], batches: int
