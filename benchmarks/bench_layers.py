@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import common
-from launch_count import count_launches, cpu_ops
+from launch_count import count_launches, layer_step_ops
 from mabn_det.layers import MABN2d
 
 CPU_SHAPES = {"(2,256,64,64)": (2, 256, 64, 64), "(2,64,128,128)": (2, 64, 128, 128),
@@ -103,17 +103,7 @@ def op_counts(channels: int = 32) -> str:
     x = torch.randn(2, channels, 5, 6, requires_grad=True)
     dy = torch.randn_like(x)
     for name, layer in _layers(channels, ["torch"]).items():
-        counts = []
-        for how, accumulate in (("leaf", True), ("work", False)):
-            def step():
-                if not accumulate:
-                    x.grad = None
-                    layer.zero_grad(set_to_none=True)
-                layer(x).backward(dy)
-
-            for _ in range(3):
-                step()
-            counts.append(len(cpu_ops(step, how)))
+        counts = [len(layer_step_ops(layer, x, dy, how)) for how in ("leaf", "work")]
         rows.append([name] + counts)
     return common.markdown_table(["layer", "leaf ops (issue #30's count)", "ops that do work"],
                                  rows)

@@ -17,7 +17,7 @@ from typing import Callable, List
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 
-__all__ = ["count_launches", "cpu_ops"]
+__all__ = ["count_launches", "cpu_ops", "layer_step_ops"]
 
 # Ops that do no work on data: allocations, and conversions or in-place restrides that leave the
 # data as it is. Views are recognised from their schema.
@@ -64,6 +64,28 @@ def cpu_ops(fn: Callable[[], None], how: str = "leaf") -> List[str]:
         if not beneath:
             counted.append(event.name[len("aten::"):])
     return counted
+
+
+def layer_step_ops(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                   how: str) -> List[str]:
+    """The ops `cpu_ops` counts in one forward+backward of `layer` on CPU tensors (its 4th: the
+    first three allocate what the layer caches).
+
+    Args:
+        layer: a normalisation layer in training mode.
+        x: (N, C, H, W) input that requires grad; dy: the output's gradient, x's shape.
+        how: "leaf" (issue #30's count: gradients accumulate into the existing .grad, as they did
+            when the count was defined) or "work" (fresh gradients every step).
+    """
+    def step():
+        if how == "work":
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+
+    for _ in range(3):
+        step()
+    return cpu_ops(step, how)
 
 
 def count_launches(fn: Callable[[], None], device: str) -> int:

@@ -30,45 +30,36 @@ PHASES = {"batch statistics": dict(warmup_iters=100, renorm_warmup_iters=100),
           "renormalised": dict(warmup_iters=0, renorm_warmup_iters=0)}
 
 
-def step_ops(layer, how: str, accumulate: bool, channels_last: bool = False):
-    """The ops `launch_count.cpu_ops` counts in one forward+backward of `layer` (the 4th step)."""
+def step_ops(layer, how: str, channels_last: bool = False):
+    """The ops `launch_count.layer_step_ops` counts in one forward+backward of `layer`."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 8, 5, 6).contiguous(memory_format=fmt).requires_grad_()
     dy = torch.randn(2, 8, 5, 6).contiguous(memory_format=fmt)
-
-    def step():
-        if not accumulate:
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-        layer(x).backward(dy)
-
-    for _ in range(3):
-        step()
-    return launch_count.cpu_ops(step, how)
+    return launch_count.layer_step_ops(layer, x, dy, how)
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_pytorch_path_op_count_is_bounded_in_every_phase(phase):
     layer = MABN2d(8, buffer_size=2, **PHASES[phase])
-    leaf = step_ops(layer, "leaf", accumulate=True)
-    work = step_ops(layer, "work", accumulate=False)
+    leaf = step_ops(layer, "leaf")
+    work = step_ops(layer, "work")
     assert len(leaf) <= LEAF_BOUND, sorted(leaf)
     assert len(work) <= WORK_BOUND, sorted(work)
-    assert len(step_ops(layer, "work", accumulate=False, channels_last=True)) == len(work)
+    assert len(step_ops(layer, "work", channels_last=True)) == len(work)
 
 
 def test_counts_reproduce_batchnorm_and_see_every_extra_op():
     bn = torch.nn.BatchNorm2d(8)
-    assert len(step_ops(bn, "leaf", accumulate=True)) == 4
-    assert sorted(step_ops(bn, "work", accumulate=False)) == [
+    assert len(step_ops(bn, "leaf")) == 4
+    assert sorted(step_ops(bn, "work")) == [
         "add_", "native_batch_norm", "native_batch_norm_backward"]
 
     class OneMore(MABN2d):
         def forward(self, x):
             return super().forward(x) * 1.0
 
-    baseline = len(step_ops(MABN2d(8, buffer_size=2), "work", accumulate=False))
-    extra = step_ops(OneMore(8, buffer_size=2), "work", accumulate=False)
+    baseline = len(step_ops(MABN2d(8, buffer_size=2), "work"))
+    extra = step_ops(OneMore(8, buffer_size=2), "work")
     # y·1.0: a multiplication forward, and MulBackward's one backward.
     assert len(extra) == baseline + 2
