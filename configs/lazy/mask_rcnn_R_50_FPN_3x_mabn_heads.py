@@ -19,8 +19,7 @@ optimizer = get_config("common/optim.py").SGD
 train = get_config("common/train.py").train
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_3x
 
-mabn = L(mabn_norm)(buffer_size=16, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0,
-                    momentum=0.02, eps=1e-5)
+mabn = L(mabn_norm)()
 model.backbone.norm = "${mabn}"
 model.roi_heads.box_head.conv_norm = "${mabn}"
 model.roi_heads.mask_head.conv_norm = "${mabn}"
