@@ -118,7 +118,7 @@ def commit_files(paths: Sequence[str], message: str,
         if time.monotonic() > deadline:
             raise RuntimeError(f"{git_dir} was busy ({', '.join(_BUSY_MARKERS)}) for over "
                                f"{lock_timeout_s:.0f} s; not committed: {', '.join(paths)}")
-        time.sleep(2.0)
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))  # not past the deadline
 
 
 def code_commit(path: str) -> str | None:

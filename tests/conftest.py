@@ -1,4 +1,12 @@
 """Fixtures shared by the tests; plain helpers are in tests/common.py."""
+import os
+
+# OpenMP threads waiting for work sleep instead of spinning: a spinning thread holds a core that
+# the thread it waits for, or another test process (DDP workers, the Triton interpreter's shards),
+# needs. On a busy 2-core machine the spinning made the tiny models' training 4 times slower. Set
+# before torch loads OpenMP, which reads it then; the tests' subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from tests.common import synthetic_image, write_tiny_coco

@@ -65,6 +65,25 @@ def _randomise_(module: nn.Module, calibrate, seed=0):
     module.eval()
 
 
+@pytest.fixture(scope="module")
+def randomised_bn(tmp_path_factory):
+    """A checkpoint of `_bn_model(_cfg())` after `_randomise_`, made once for the tests that
+    convert it: the randomisation runs the backbone on 12 images, these tests' costliest step."""
+    bn = _bn_model(_cfg())
+    _randomise_(bn, bn.backbone)
+    path = tmp_path_factory.mktemp("randomised_bn") / "bn.pth"
+    torch.save({"model": bn.state_dict()}, path)
+    return path
+
+
+def _randomised_bn_model(randomised_bn, cfg):
+    """The BN twin of `cfg`, an MABN config whose BN twin is that of `_cfg()`, in eval mode with
+    the weights and statistics of `randomised_bn`."""
+    bn = _bn_model(cfg)
+    bn.load_state_dict(torch.load(randomised_bn)["model"])
+    return bn.eval()
+
+
 def _mabn_model(cfg, weights):
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
@@ -93,13 +112,13 @@ X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("norm, centred", [("BN", True), ("FrozenBN", True), ("BN", False)])
-def test_detectron2_checkpoint_gives_the_same_backbone_and_fpn(norm, centred, tmp_path):
+def test_detectron2_checkpoint_gives_the_same_backbone_and_fpn(norm, centred, randomised_bn,
+                                                               tmp_path):
     """BN and FrozenBN checkpoints; and a model whose convs are not centred
     (MODEL.MABN.CENTRED_CONV False), which needs no offset: the BN mean goes into β."""
     opts = ["MODEL.MABN.CENTRED_CONV", str(centred)]
     cfg = _cfg(*opts)
-    bn = _bn_model(cfg)
-    _randomise_(bn, bn.backbone)
+    bn = _randomised_bn_model(randomised_bn, cfg)  # the BN twin does not centre
     if norm == "FrozenBN":
         bn = FrozenBatchNorm2d.convert_frozen_batchnorm(bn)
     torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
@@ -134,12 +153,11 @@ def _c2_name(name: str) -> str:
 
 
 @pytest.mark.parametrize("with_statistics", [False, True], ids=["scale_bias", "statistics"])
-def test_caffe2_pkl_gives_the_same_resnet(with_statistics, tmp_path):
+def test_caffe2_pkl_gives_the_same_resnet(with_statistics, randomised_bn, tmp_path):
     """MSRA's form (scale and bias: Detectron2 fills running_mean 0, running_var 1), and the form
     with running statistics (_bn_rm, _bn_riv)."""
     cfg = _cfg()
-    frozen = _bn_model(cfg)
-    _randomise_(frozen, frozen.backbone)
+    frozen = _randomised_bn_model(randomised_bn, cfg)
     resnet = FrozenBatchNorm2d.convert_frozen_batchnorm(frozen.backbone.bottom_up)
     if not with_statistics:
         for m in resnet.modules():
@@ -206,14 +224,12 @@ def test_torchvision_names():
                    for k in renamed)
 
 
-def test_centred_filters_mode_is_only_the_centring_and_not_exact(tmp_path):
+def test_centred_filters_mode_is_only_the_centring_and_not_exact(randomised_bn, tmp_path):
     """The authors' approach: no offsets; in eval mode the model is the BN model with each filter
     centred, and differs from the BN model itself."""
     cfg = _cfg()
-    bn = _bn_model(cfg)
-    _randomise_(bn, bn.backbone)
-    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
-    out = _convert([], tmp_path / "bn.pth", tmp_path / "centred.pth", "--centre-filters")
+    bn = _randomised_bn_model(randomised_bn, cfg)
+    out = _convert([], randomised_bn, tmp_path / "centred.pth", "--centre-filters")
     assert not any("pretrained_offset" in k for k in torch.load(out)["model"])
     model = _mabn_model(cfg, out)
     with torch.no_grad():
@@ -225,12 +241,10 @@ def test_centred_filters_mode_is_only_the_centring_and_not_exact(tmp_path):
         _assert_same(got, bn.backbone(X))
 
 
-def test_export_folds_the_offsets_for_stock_detectron2(tmp_path):
+def test_export_folds_the_offsets_for_stock_detectron2(randomised_bn, tmp_path):
     cfg = _cfg()
-    bn = _bn_model(cfg)
-    _randomise_(bn, bn.backbone)
-    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
-    model = _mabn_model(cfg, _convert([], tmp_path / "bn.pth", tmp_path / "mabn.pth"))
+    bn = _randomised_bn_model(randomised_bn, cfg)
+    model = _mabn_model(cfg, _convert([], randomised_bn, tmp_path / "mabn.pth"))
     stock = build_model(stock_inference_config(cfg)).eval()
     stock.load_state_dict(convert_to_inference_form(model).state_dict(), strict=True)
     with torch.no_grad():
@@ -291,19 +305,11 @@ def test_torchvision_weights_with_the_stride_in_the_1x1_conv_are_refused(tmp_pat
         _convert(opts, tmp_path / "r50.pth", tmp_path / "out.pth")
 
 
-def _randomised_bn_checkpoint(tmp_path, cfg):
-    bn = _bn_model(cfg)
-    _randomise_(bn, bn.backbone)
-    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
-    return tmp_path / "bn.pth"
-
-
-def test_train_net_fine_tunes_a_converted_checkpoint_and_resumes_its_fade_exactly(tiny_coco,
-                                                                                  tmp_path):
+def test_train_net_fine_tunes_a_converted_checkpoint_and_resumes_its_fade_exactly(
+        tiny_coco, randomised_bn, tmp_path):
     """Offsets fading over 3 iterations in a 4-iteration run; a run resumed from the checkpoint of
     iteration 2 ends bit-identical to the uninterrupted one, offsets included."""
-    weights = _convert([], _randomised_bn_checkpoint(tmp_path, _cfg()), tmp_path / "mabn.pth",
-                       "--fade-iters", "3")
+    weights = _convert([], randomised_bn, tmp_path / "mabn.pth", "--fade-iters", "3")
     common = {"MODEL.WEIGHTS": weights, "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
               "MODEL.MABN.EPS": 1e-3, "SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2,
               "SEED": -1}

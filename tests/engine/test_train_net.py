@@ -46,17 +46,18 @@ def test_ddps_refusal_of_a_cpu_model_is_explained(process_group_of_one, tiny_coc
 
 
 def test_resume_equals_uninterrupted_training(tiny_coco, tmp_path):
-    """SEED -1, and an evaluation at the iteration of the checkpoint resumed from."""
-    common = {"SOLVER.MAX_ITER": 6, "SOLVER.CHECKPOINT_PERIOD": 3, "SEED": -1,
-              "TEST.EVAL_PERIOD": 3, "DATASETS.TEST": "('tiny_resume',)"}
+    """SEED -1, and an evaluation at the iteration of the checkpoint resumed from. The resumed
+    half holds an averaging step (3) and a renormalising one (4: RENORM_WARMUP_ITERS is 3)."""
+    common = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "SEED": -1,
+              "TEST.EVAL_PERIOD": 2, "DATASETS.TEST": "('tiny_resume',)"}
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     _run_in_process(["--config-file", TINY_MABN_CONFIG, *_register(tiny_coco, "tiny_resume"),
                      *train_opts(straight, "tiny_resume", **common)])
-    # Stop after 3 iterations: a fresh directory holding only the checkpoint of iteration 3.
+    # Stop after 2 iterations: a fresh directory holding only the checkpoint of iteration 2.
     os.makedirs(resumed)
-    shutil.copy(os.path.join(straight, "model_0000002.pth"), resumed)
+    shutil.copy(os.path.join(straight, "model_0000001.pth"), resumed)
     with open(os.path.join(resumed, "last_checkpoint"), "w") as f:
-        f.write("model_0000002.pth")
+        f.write("model_0000001.pth")
     _run_in_process(["--resume", "--config-file", TINY_MABN_CONFIG,
                      *train_opts(resumed, "tiny_resume", **common)])
 

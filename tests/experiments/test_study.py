@@ -268,23 +268,27 @@ def test_cli_commits_each_new_record_which_reproduce_run_repeats_exactly(tmp_pat
     command = [sys.executable, "tools/compare_norms.py", "--tiny", "--condition", "plain",
                "--out", str(tmp_path / "out"), "--results", str(results), "--arms", "BN@16",
                "GN@2", "--seeds", "0", "--jobs", "1", "--commit"]
+    # Three iterations instead of --tiny's four, in both runs (this one and reproduce_run's): the
+    # fewest whose record has a time per iteration (Detectron2 times from the third on).
+    opts = ["SOLVER.MAX_ITER", "3"]
     env = {**os.environ, "PYTHONPATH": str(code)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env,
+    result = subprocess.run(command + opts, capture_output=True, text=True, timeout=900, env=env,
                             cwd=code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "out" / "plain" / "BN@16").exists()  # it has a record: skipped
     assert [r["arm"] for r in read_records(str(results), "plain")] == ["BN@16", "GN@2"]
     record_file = Path(result_path(str(results), "plain", "GN@2", 0))
     record = json.loads(record_file.read_text())
-    assert record["iterations"] == 4 and [e["iteration"] for e in record["evaluations"]] == [2, 4]
+    assert record["iterations"] == 3 and [e["iteration"] for e in record["evaluations"]] == [2, 3]
     assert (record["condition"], record["code_commit"], record["code_clean"]) == (
         "plain", commit, True)
     assert record["command"] == ("python tools/compare_norms.py --condition plain --arms GN@2 "
-                                 f"--seeds 0 --threads {record['threads']} --tiny")
+                                 f"--seeds 0 --threads {record['threads']} --tiny "
+                                 "SOLVER.MAX_ITER 3")
     assert "| GN@2 | GN | 1 |" in result.stdout
     # One commit, of the new record and the report; the fake BN@16 record stays uncommitted.
     subjects = git(results_repo, "log", "--format=%s").splitlines()
-    assert len(subjects) == 1 and subjects[0].startswith("study plain: GN@2 seed 0, 4 iterations: ")
+    assert len(subjects) == 1 and subjects[0].startswith("study plain: GN@2 seed 0, 3 iterations: ")
     assert set(git(results_repo, "show", "--name-only", "--format=", "HEAD").split()) == {
         "docs/study/plain/runs/GN@2_seed0.json", "docs/study/results.md",
         "docs/study/plain/ap_curves.png"}

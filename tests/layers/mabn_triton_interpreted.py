@@ -1,7 +1,8 @@
 """Runs MABN2d(kernel="triton") under Triton's CPU interpreter against MABN2d(kernel="torch").
 
-Not a test module: tests/layers/test_mabn_triton.py runs it once, in a subprocess with
-TRITON_INTERPRET=1 (Triton reads it when the kernels are defined), and reads the JSON it prints:
+Not a test module: tests/layers/test_mabn_triton.py runs it in subprocesses with
+TRITON_INTERPRET=1 (Triton reads it when the kernels are defined), each on some of the scenarios
+(named as arguments; all by default), and reads the JSON they print:
 
     {"<scenario>": {"failures": [...], "shuffled": [...] | null, "triton_steps": int, ...}, ...,
      "device_guard": {"launches": int, "outside": [...], "devices": [...]}}

@@ -1,6 +1,6 @@
 """The Triton path of MABN2d: exact to the PyTorch path, compiles for sm_90, chosen only when asked.
 
-Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, in one subprocess:
+Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, in subprocesses:
 Triton reads the variable when the kernels are defined) and are compiled ahead of time for sm_90.
 """
 import json
@@ -25,14 +25,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
+# The interpreter runs on one core: the scenarios are split between this many processes run side
+# by side (CI has two cores). Every other scenario of SCENARIOS' order goes to the same process,
+# which splits their time about evenly.
+SHARDS = 2
+
+
 @pytest.fixture(scope="module")
-def interpreted_report():
+def interpreted_report(tmp_path_factory):
+    """The report of every scenario, merged from the SHARDS processes'."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    names, logs = list(interpreted.SCENARIOS), tmp_path_factory.mktemp("interpreted")
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(HERE, "mabn_triton_interpreted.py")],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    processes = []
+    for i in range(SHARDS):
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            processes.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "mabn_triton_interpreted.py"),
+                 *names[i::SHARDS]], stdout=out, stderr=err, env=env, cwd=REPO))
+    try:
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process in processes:
+            process.kill()  # one still running after a failure or timeout; no-op otherwise
+    report, guard = {}, {"launches": 0, "outside": [], "devices": []}
+    for i, process in enumerate(processes):
+        assert process.returncode == 0, (logs / f"{i}.err").read_text()[-4000:]
+        shard = json.loads((logs / f"{i}.out").read_text().strip().splitlines()[-1])
+        for key, value in shard.pop("device_guard").items():
+            guard[key] += value
+        report.update(shard)
+    report["device_guard"] = guard
     print(f"interpreted run: {time.perf_counter() - start:.1f} s")
     return report
 
