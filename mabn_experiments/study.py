@@ -290,6 +290,13 @@ def read_evaluations(output_dir: str) -> List[Dict]:
 MABN_DIAGNOSTICS = ("mabn/renorm_mean", "mabn/renorm_clipped", "mabn/chi_ratio_max")
 
 
+def _median_step_seconds(metrics: List[Dict]) -> float | None:
+    """The median time of a training step, or None for a run too short to be timed (Detectron2's
+    IterationTimer leaves the first iterations of a session out)."""
+    times = [m["time"] for m in metrics if "time" in m]
+    return round(statistics.median(times), 3) if times else None
+
+
 def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
     """What one finished run contributes to the study: its AP at every evaluation, its time,
     settings, code commit and the command that re-runs it."""
@@ -319,8 +326,7 @@ def run_record(run: StudyRun, cfg: CfgNode) -> Dict:
         # The sessions' times up to their last evaluation: what a resumed run did twice is counted
         # once, the time lost after an interrupted session's last evaluation not at all.
         "wall_seconds": round(sum(sessions.values()), 1),
-        "seconds_per_iteration": round(statistics.median(m["time"] for m in metrics if "time" in m),
-                                       3),
+        "seconds_per_iteration": _median_step_seconds(metrics),
         "threads": run.threads,
         "machine": describe_machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),

@@ -35,6 +35,12 @@ def _mean_cell(values: Sequence[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f} (1 seed)"
 
 
+def _seconds_cell(seconds: Sequence[float | None]) -> str:
+    """The mean of the timed runs' seconds per iteration, or "–" where no run was timed."""
+    timed = [s for s in seconds if s is not None]
+    return f"{statistics.fmean(timed):.2f}" if timed else "–"
+
+
 def _by_arm(records: List[Dict]) -> Dict[str, List[Dict]]:
     by_arm: Dict[str, List[Dict]] = {}
     for record in records:
@@ -103,7 +109,7 @@ def _condition_section(condition: Condition, records: List[Dict],
                      *([_mean_cell([r["segm_AP"] for r in runs])] if masks else []),
                      ", ".join(f"{r['bbox_AP']:.1f}" for r in runs),
                      ", ".join(str(r["seed"]) for r in runs),
-                     f"{statistics.fmean(r['seconds_per_iteration'] for r in runs):.2f}"])
+                     _seconds_cell([r["seconds_per_iteration"] for r in runs])])
         if masks and arm not in beside and all("bbox_AP_precise_bn" in r for r in runs):
             precise_rows.append([arm, ", ".join(str(r["seed"]) for r in runs),
                                  *(_mean_cell([r[k] for r in runs]) for k in (
@@ -150,7 +156,7 @@ def _condition_section(condition: Condition, records: List[Dict],
                               "s/iteration", "code"],
                              [[r["arm"], r["seed"], r["date"], r["machine"], r["threads"],
                                f"{r['wall_seconds'] / 60:.0f} min",
-                               f"{r['seconds_per_iteration']:.2f}",
+                               _seconds_cell([r["seconds_per_iteration"]]),
                                (r.get("code_commit") or "–")[:12]
                                + ("" if r.get("code_clean", True) else " (changed)")]
                               for r in records]),

@@ -124,6 +124,21 @@ def test_report_gives_precise_bn_effect_per_evaluation(tmp_path):
     assert "| MABN@2 | 2 | -3.0 (-4.0, -2.0) | +0.8 (+0.5, +1.0) |" in table
 
 
+def test_report_shows_untimed_runs_without_a_time(tmp_path):
+    # Detectron2 times no step of a session shorter than 3 iterations: the record holds None.
+    write_fake_records(tmp_path, {"BN@16": [44.0, 46.0], "BN@2": [30.0]})
+    path = Path(result_path(str(tmp_path), "photometric", "BN@16", 1))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "seconds_per_iteration": None}))
+    table = Path(write_report(str(tmp_path))[0]).read_text()
+    assert "| BN@16 | BN | 16 | 45.0 ± 1.4 | 22.5 ± 0.7 | 44.0, 46.0 | 0, 1 | 1.00 |" in table
+    assert "| BN@16 | 1 | 2026-12-02 | test | 1 | 1 min | – |" in table
+    write_fake_records(tmp_path / "untimed", {"BN@16": [44.0]})
+    path = Path(result_path(str(tmp_path / "untimed"), "photometric", "BN@16", 0))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "seconds_per_iteration": None}))
+    assert "| 44.0 | 0 | – |" in Path(write_report(str(tmp_path / "untimed"))[0]).read_text()
+
+
 def git(repo, *args):
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
                           text=True).stdout
