@@ -8,8 +8,18 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
+import torch
 
 from tests.common import synthetic_image, write_tiny_coco
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Gives every test the thread count the session started with: the study, the benchmarks and
+    the training tools set torch's thread count for their process, which here is pytest's."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
