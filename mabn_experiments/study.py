@@ -252,13 +252,38 @@ def extract_backbone(checkpoint: str, out: str) -> str:
     return out
 
 
+# Holds the torch thread count a run started with, in its output directory.
+THREADS_FILE = "threads.txt"
+
+
+def started_threads(output_dir: str) -> int | None:
+    """The torch thread count of the run that started in `output_dir`, or None if none did."""
+    path = os.path.join(output_dir, THREADS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(f.read())
+
+
 def train_run(run: StudyRun) -> Dict:
     """Train and evaluate one (arm, seed) in the current (worker) process, resuming from the last
-    checkpoint in its output directory if there is one; returns its record (see `run_record`)."""
+    checkpoint in its output directory if there is one; returns its record (see `run_record`).
+
+    Raises:
+        ValueError: the run started with another thread count than `run.threads`: its results
+            depend on it in the last bits, so a resumed run with a different count would match
+            neither count's record.
+    """
+    started = started_threads(run.output_dir)
+    if started is not None and started != run.threads:
+        raise ValueError(f"{run.name} started with {started} torch threads in {run.output_dir}; "
+                         f"resume it with {started}, not {run.threads}, or delete that folder")
+    os.makedirs(run.output_dir, exist_ok=True)
+    with open(os.path.join(run.output_dir, THREADS_FILE), "w") as f:
+        f.write(str(run.threads))
     torch.set_num_threads(run.threads)
     register_dataset(run.data, run.dataset_dir, ("study_train", "study_val"))
     cfg = study_config(run)
-    os.makedirs(run.output_dir, exist_ok=True)
     setup_logger(run.output_dir)
     setup_logger(run.output_dir, name="mabn_det")
     with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:

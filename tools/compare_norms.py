@@ -22,7 +22,7 @@ import shlex
 
 from mabn_experiments.conditions import CONDITIONS, TINY_OPTS, prepare_dataset
 from mabn_experiments.runs import commit_files, threads_per_job
-from mabn_experiments.study import ARMS, StudyRun, extract_backbone, run_study
+from mabn_experiments.study import ARMS, StudyRun, extract_backbone, run_study, started_threads
 from mabn_experiments.study_report import REPORT_NAME, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, help="only these of each condition's seeds")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
     parser.add_argument("--threads", type=int,
-                        help="torch threads per run (default: the cores divided by --jobs); "
-                        "results depend on it in the last bits, so a record names it")
+                        help="torch threads per new run (default: the cores divided by --jobs); "
+                        "results depend on it in the last bits, so a record names it and an "
+                        "interrupted run resumes with the count it started with")
     parser.add_argument("--out", help="training outputs and the generated data (default: "
                         "output/compare_norms, or output/compare_norms_tiny with --tiny)")
     parser.add_argument("--results", help="run records and report (default: docs/study in the "
@@ -67,16 +68,19 @@ class Planner:
         if name not in self._datasets:
             self._datasets[name] = prepare_dataset(condition, os.path.join(self.out, "datasets"),
                                                    tiny=args.tiny)
+        output_dir = os.path.join(self.out, name, arm, f"seed{seed}")
+        # An interrupted run resumes with the thread count it started with (results depend on it).
+        threads = started_threads(output_dir) or self.threads
         opts = [*condition.opts, *(TINY_OPTS if args.tiny else ()), *args.opts]
         precise = (2 if args.tiny and condition.precise_bn_batches
                    else condition.precise_bn_batches)
         command = ["python", TOOL, "--condition", name, "--arms", arm, "--seeds", str(seed),
-                   "--threads", str(self.threads), *(["--tiny"] if args.tiny else []), *args.opts]
+                   "--threads", str(threads), *(["--tiny"] if args.tiny else []), *args.opts]
         backbone = (self.backbone_path(condition.pretrained_from)
                     if condition.pretrained_from else "")
         return StudyRun(name, arm, seed, condition.config_path, condition.data,
-                        self._datasets[name], os.path.join(self.out, name, arm, f"seed{seed}"),
-                        opts, self.threads, precise, shlex.join(command), backbone)
+                        self._datasets[name], output_dir, opts, threads, precise,
+                        shlex.join(command), backbone)
 
     def requested(self) -> list:
         """Every run the arguments ask for: seed by seed, then condition, then arm."""

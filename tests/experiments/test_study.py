@@ -17,6 +17,7 @@ from mabn_experiments.shapes import generate_shapes_dataset
 from mabn_experiments.study import (
     ARMS,
     IMAGES_PER_STEP,
+    THREADS_FILE,
     StudyRun,
     StudyTrainer,
     configure_arm,
@@ -27,7 +28,7 @@ from mabn_experiments.study import (
     train_run,
 )
 from mabn_experiments.study_report import read_records, write_report
-from tests.common import make_cfg
+from tests.common import load_tool, make_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -246,6 +247,8 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
     with pytest.raises(RuntimeError, match="killed"):
         train_run(interrupted)
     monkeypatch.undo()
+    with pytest.raises(ValueError, match="started with 1 torch threads"):
+        train_run(dataclasses.replace(interrupted, threads=2))  # would match no record
     resumed = train_run(interrupted)
     assert resumed["evaluations"] == reference["evaluations"]
     without_precise_bn = tiny_run(tiny_data, tmp_path / "plain", precise_bn_batches=0)
@@ -256,6 +259,20 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
         assert weights.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(weights[key], value), (other, key)
+
+
+def test_planner_resumes_a_run_with_the_threads_it_started_with(tiny_data, tmp_path, monkeypatch):
+    compare_norms = load_tool("compare_norms")
+    monkeypatch.setattr(compare_norms, "prepare_dataset", lambda *args, **kwargs: tiny_data)
+    args = compare_norms.parse_args(["--tiny", "--condition", "photometric", "--threads", "2"])
+    planner = compare_norms.Planner(args, str(tmp_path), args.threads)
+    fresh = planner.run("photometric", "BN@2", 0)
+    assert fresh.threads == 2 and "--threads 2" in fresh.command
+    Path(fresh.output_dir).mkdir(parents=True)
+    (Path(fresh.output_dir) / THREADS_FILE).write_text("1")
+    resumed = planner.run("photometric", "BN@2", 0)
+    assert resumed.threads == 1 and "--threads 1" in resumed.command
+    assert planner.run("photometric", "GN@2", 0).threads == 2
 
 
 def copy_of_the_code(directory):
