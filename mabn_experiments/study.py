@@ -278,9 +278,10 @@ def train_run(run: StudyRun) -> Dict:
     if started is not None and started != run.threads:
         raise ValueError(f"{run.name} started with {started} torch threads in {run.output_dir}; "
                          f"resume it with {started}, not {run.threads}, or delete that folder")
-    os.makedirs(run.output_dir, exist_ok=True)
-    with open(os.path.join(run.output_dir, THREADS_FILE), "w") as f:
-        f.write(str(run.threads))
+    if started is None:
+        os.makedirs(run.output_dir, exist_ok=True)
+        with open(os.path.join(run.output_dir, THREADS_FILE), "w") as f:
+            f.write(str(run.threads))
     torch.set_num_threads(run.threads)
     register_dataset(run.data, run.dataset_dir, ("study_train", "study_val"))
     cfg = study_config(run)
