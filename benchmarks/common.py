@@ -12,7 +12,7 @@ from typing import Callable, Dict, Sequence
 
 import torch
 
-from mabn_experiments.runs import describe_machine, markdown_table
+from mabn_experiments.runs import code_commit, describe_machine, markdown_table
 
 __all__ = ["NORM_KEYS", "machine", "versions", "header", "synchronizer", "median_seconds",
            "time_interleaved", "markdown_table", "add_markdown_argument", "write_markdown"]
@@ -41,8 +41,10 @@ def versions(*modules: str) -> str:
 
 
 def header(device: str = "cpu", *modules: str) -> str:
-    """One line for the top of a results table: date, machine, versions."""
-    return f"{datetime.date.today().isoformat()}; {machine(device)}; {versions(*modules)}"
+    """One line for the top of a results table: date, the code's commit, machine, versions."""
+    commit = code_commit(os.path.dirname(os.path.abspath(__file__))) or "outside git"
+    code = commit[:12] + ("+changes" if commit.endswith("+changes") else "")
+    return f"{datetime.date.today().isoformat()}; code {code}; {machine(device)}; {versions(*modules)}"
 
 
 def synchronizer(device: str) -> Callable[[], None]:

@@ -123,8 +123,11 @@ def commit_files(paths: Sequence[str], message: str,
 
 def code_commit(path: str) -> str | None:
     """The commit checked out in the git work tree holding `path` (with "+changes" if its tracked
-    files differ from it), or None outside git."""
-    head = _git(path, "rev-parse", "HEAD", check=False)
+    files differ from it), or None outside git or where git is not installed."""
+    try:
+        head = _git(path, "rev-parse", "HEAD", check=False)
+    except FileNotFoundError:  # a machine given only the files, such as a lent GPU
+        return None
     if head.returncode:
         return None
     dirty = _git(path, "diff", "HEAD", "--quiet", check=False).returncode

@@ -2,6 +2,7 @@
 should, the RoI counts are fixed, and the ONNX graphs show what the README claims about fusion."""
 import importlib
 import os
+import subprocess
 import sys
 import types
 
@@ -37,7 +38,11 @@ def tiny(bench):
 
 def test_tiny_run_writes_the_report(bench, tmp_path):
     result = bench.main(["--tiny", "--no-quantization", "--output", str(tmp_path)])
-    assert (tmp_path / "results.md").read_text().startswith("# Inference benchmark")
+    report = (tmp_path / "results.md").read_text()
+    assert report.startswith("# Inference benchmark")
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert f"; code {head[:12]}" in report  # a result names the code that measured it
     programs = {row["program"] for row in result["timings_ms"]}
     assert programs == {"backbone+FPN", "heads", "whole model"}
 
