@@ -43,6 +43,8 @@ class Condition:
             for none.
         calibration_target: box AP that BN@16 must reach for the condition to rank norms; None
             for a condition that is no such comparison.
+        calibrated_by: the condition on the same data whose BN@16 and BN@2 calibrate this one,
+            which runs no BN@2 of its own.
         pretrained_from: the condition whose BN@16 seed-0 run gives the pretrained BN backbone of
             the arms that start from one.
         beside: (condition, arms) whose runs the report shows beside this condition's.
@@ -57,6 +59,7 @@ class Condition:
     opts: Tuple[str, ...] = ()
     precise_bn_batches: int = 0
     calibration_target: float | None = 40.0
+    calibrated_by: str | None = None
     pretrained_from: str | None = None
     beside: Tuple[str, Tuple[str, ...]] | None = None
 
@@ -76,13 +79,15 @@ CONDITIONS: Dict[str, Condition] = {c.name: c for c in (
     Condition("photometric_paper_warmup", "as photometric, MABN with the paper's absolute "
               "warm-ups (100 and 1000 steps: no renormalisation within 800 steps)",
               "study", _SHAPES_CONFIG, ("MABN@2",), (0,), precise_bn_batches=100,
-              opts=("MODEL.MABN.WARMUP_ITERS", "800", "MODEL.MABN.RENORM_WARMUP_ITERS", "8000")),
+              opts=("MODEL.MABN.WARMUP_ITERS", "800", "MODEL.MABN.RENORM_WARMUP_ITERS", "8000"),
+              calibrated_by="photometric"),
     Condition("plain", "the same synthetic scenes without per-image photometry, 800 steps",
               "demo", _SHAPES_CONFIG, PAPER_ARMS, (0, 1, 2)),
     Condition("photometric_long", "as photometric, 3x longer: 2400 steps, learning-rate steps "
               "at 1920 and 2220", "study", _SHAPES_CONFIG, ("BN@16", "GN@2", "MABN@2"), (0, 1),
               opts=("SOLVER.MAX_ITER", "2400", "SOLVER.STEPS", "(1920, 2220)",
-                    "TEST.EVAL_PERIOD", "200", "SOLVER.CHECKPOINT_PERIOD", "200")),
+                    "TEST.EVAL_PERIOD", "200", "SOLVER.CHECKPOINT_PERIOD", "200"),
+              calibrated_by="photometric"),
     Condition("trees", "real aerial images: deepforest's tree crowns, 128 px tiles, box-only "
               "Faster R-CNN, 800 steps", "trees", "study_R18_FPN_trees.yaml", PAPER_ARMS,
               (0, 1, 2), calibration_target=20.0),

@@ -48,11 +48,18 @@ def _by_arm(records: List[Dict]) -> Dict[str, List[Dict]]:
     return by_arm
 
 
-def calibration(condition: Condition, by_arm: Dict[str, List[Dict]]) -> Tuple[bool | None, str]:
+def calibration(condition: Condition, records_by_condition: Dict[str, List[Dict]]
+                ) -> Tuple[bool | None, str]:
     """Whether `condition` can rank norms (its BN@16 learns the task and BN@2 trails it clearly;
-    None until both have runs), and one sentence saying why."""
+    None until both have runs), and the sentences saying why. A condition `calibrated_by` another
+    takes that one's verdict."""
+    if condition.calibrated_by:
+        ranks, why = calibration(CONDITIONS[condition.calibrated_by], records_by_condition)
+        return ranks, (f"This condition runs no BN@2: the calibration is that of "
+                       f"`{condition.calibrated_by}`, on the same data. {why}")
     if condition.calibration_target is None:
         return None, "No calibration: this condition does not compare BN@16 with BN@2."
+    by_arm = _by_arm(records_by_condition.get(condition.name, []))
     big, small = by_arm.get("BN@16", []), by_arm.get("BN@2", [])
     if not big or not small:
         return None, "Calibration: waiting for BN@16 and BN@2."
@@ -95,10 +102,10 @@ def _precise_bn_effect_table(by_arm: Dict[str, List[Dict]], iterations: Sequence
     return markdown_table(["arm", "seeds", *map(str, iterations)], rows)
 
 
-def _condition_section(condition: Condition, records: List[Dict],
-                       beside: Dict[str, List[Dict]]) -> List[str]:
+def _condition_section(condition: Condition, records: List[Dict], beside: Dict[str, List[Dict]],
+                       calibration_note: str) -> List[str]:
     """The report's section on `condition`; `beside` maps labels to other conditions' runs shown
-    with its own."""
+    with its own; `calibration_note` says whether the condition can rank norms."""
     by_arm = {**_by_arm(records), **beside}
     masks = condition.has_masks
     rows, precise_rows = [], []
@@ -120,7 +127,7 @@ def _condition_section(condition: Condition, records: List[Dict],
              + (f" with `{' '.join(condition.opts)}`" if condition.opts else "")
              + f"; arms {', '.join(condition.arms)}; seeds "
              f"{', '.join(map(str, condition.seeds))}.", "",
-             calibration(condition, _by_arm(records))[1], "",
+             calibration_note, "",
              f"Final COCO AP on the validation set ({records[0]['iterations']} iterations; "
              "mean ± sample std over seeds):", "",
              markdown_table(["arm", "norm", "images per statistic", "box AP",
@@ -169,12 +176,12 @@ def _condition_section(condition: Condition, records: List[Dict],
 
 def _summary_table(records_by_condition: Dict[str, List[Dict]]) -> str:
     """One row per comparison of norms (the conditions with a calibration)."""
-    records_by_condition = {name: records for name, records in records_by_condition.items()
-                            if CONDITIONS[name].calibration_target is not None}
-    arms = [arm for arm in ARMS if any(r["arm"] == arm for records in
-                                       records_by_condition.values() for r in records)]
+    comparisons = {name: records for name, records in records_by_condition.items()
+                   if CONDITIONS[name].calibration_target is not None}
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for records in comparisons.values()
+                                       for r in records)]
     rows = []
-    for name, records in records_by_condition.items():
+    for name, records in comparisons.items():
         by_arm = _by_arm(records)
         cells = []
         for arm in arms:
@@ -183,9 +190,11 @@ def _summary_table(records_by_condition: Dict[str, List[Dict]]) -> str:
             if runs and CONDITIONS[name].has_masks:
                 box += f" / {_mean_cell([r['segm_AP'] for r in runs])}"
             cells.append(box)
-        ranks = calibration(CONDITIONS[name], by_arm)[0]
+        ranks = calibration(CONDITIONS[name], records_by_condition)[0]
+        source = CONDITIONS[name].calibrated_by
         rows.append([name, records[0]["iterations"], *cells,
-                     {True: "yes", False: "no", None: "pending"}[ranks]])
+                     {True: "yes", False: "no", None: "pending"}[ranks]
+                     + (f" (as {source})" if source else "")])
     return markdown_table(["condition", "steps", *arms, "calibrated"], rows)
 
 
@@ -201,7 +210,8 @@ def write_report(results_dir: str) -> List[str]:
              "8 micro-batches of 2 images, each normalised on its own.", "",
              "Summary: final box AP (box / mask AP where the task has masks), mean ± sample std "
              "over seeds; \"calibrated\": BN@2 clearly below BN@16, so the condition can rank "
-             "norms.", "", _summary_table(records_by_condition), ""]
+             "norms (\"as X\": it runs no BN@2 and takes the verdict of X, on the same data).",
+             "", _summary_table(records_by_condition), ""]
     paths = [os.path.join(results_dir, REPORT_NAME)]
     for name, records in records_by_condition.items():
         condition = CONDITIONS[name]
@@ -210,7 +220,8 @@ def write_report(results_dir: str) -> List[str]:
             other, arms = condition.beside
             beside = {f"{arm}, {other}": runs for arm, runs in
                       _by_arm(read_records(results_dir, other)).items() if arm in arms}
-        lines += _condition_section(condition, records, beside)
+        lines += _condition_section(condition, records, beside,
+                                    calibration(condition, records_by_condition)[1])
         png = os.path.join(results_dir, name, CURVES_NAME)
         plot_ap_curves({arm: [r["evaluations"] for r in runs]
                         for arm, runs in {**_by_arm(records), **beside}.items()}, png,

@@ -103,6 +103,13 @@ def test_report_is_rebuilt_from_the_records(tmp_path):
     assert "| BN@16 | BN | 16 | 25.0 (1 seed) | 25.0 | 0 |" in table  # no mask column
     assert all(Path(p).stat().st_size > 1000 for p in paths[1:])
     assert "PreciseBN" not in table
+    # A condition without BN@2 of its own takes the verdict of the one whose data it shares.
+    write_fake_records(tmp_path, {"BN@16": [50.0], "MABN@2": [48.0]}, condition="photometric_long")
+    table = Path(write_report(str(tmp_path))[0]).read_text()
+    assert "| photometric_long | 4 | 50.0 (1 seed) / 25.0 (1 seed) | – | 48.0" in table
+    assert "| yes (as photometric) |" in table
+    assert ("This condition runs no BN@2: the calibration is that of `photometric`, on the same "
+            "data. Calibration (BN@16 ≥ 40 box AP, BN@2 ≥ 3 below it): BN@16 45.0") in table
     write_fake_records(tmp_path, {"BN@16": [35.0], "BN@2": [24.0]}, condition="trees")
     assert "BN@16 is below 40 box AP" not in Path(write_report(str(tmp_path))[0]).read_text()
     write_fake_records(tmp_path, {"BN@16": [15.0], "BN@2": [4.0]}, condition="trees")
