@@ -44,7 +44,8 @@ def header(device: str = "cpu", *modules: str) -> str:
     """One line for the top of a results table: date, the code's commit, machine, versions."""
     commit = code_commit(os.path.dirname(os.path.abspath(__file__))) or "outside git"
     code = commit[:12] + ("+changes" if commit.endswith("+changes") else "")
-    return f"{datetime.date.today().isoformat()}; code {code}; {machine(device)}; {versions(*modules)}"
+    return (f"{datetime.date.today().isoformat()}; code {code}; {machine(device)}; "
+            f"{versions(*modules)}")
 
 
 def synchronizer(device: str) -> Callable[[], None]:
