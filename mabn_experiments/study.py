@@ -7,7 +7,9 @@ so an interrupted run resumes exactly where it stopped; a finished run is summar
 record that names the code commit it ran and the command that re-runs it (`study_report` builds
 the report from the records).
 """
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -15,7 +17,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -265,15 +267,52 @@ def started_threads(output_dir: str) -> int | None:
         return int(f.read())
 
 
+# Held locked by the process that trains in a run's output directory.
+LOCK_FILE = "training.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output_dir(output_dir: str) -> Iterator[None]:
+    """Hold `output_dir` (created if needed) for this process alone while the block runs.
+
+    Two processes resuming the same run would both append to its logs, metrics and evaluations
+    and overwrite each other's checkpoints: a queue started twice, or a worker left running after
+    its queue was killed (a spawned worker outlives its parent). The lock is the kernel's, so it
+    ends with the process that holds it, however that process ends.
+
+    Raises:
+        RuntimeError: another process holds `output_dir`.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, LOCK_FILE), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RuntimeError(f"{output_dir} is being trained by process {lock.read().strip()}; "
+                               "stop it (kill its process group: its spawned workers too) or wait "
+                               "for it") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
 def train_run(run: StudyRun) -> Dict:
     """Train and evaluate one (arm, seed) in the current (worker) process, resuming from the last
     checkpoint in its output directory if there is one; returns its record (see `run_record`).
 
     Raises:
+        RuntimeError: another process is training in the run's output directory.
         ValueError: the run started with another thread count than `run.threads`: its results
             depend on it in the last bits, so a resumed run with a different count would match
             neither count's record.
     """
+    with exclusive_output_dir(run.output_dir):
+        return _train_run(run)
+
+
+def _train_run(run: StudyRun) -> Dict:
     started = started_threads(run.output_dir)
     if started is not None and started != run.threads:
         raise ValueError(f"{run.name} started with {started} torch threads in {run.output_dir}; "

@@ -22,6 +22,7 @@ from mabn_experiments.study import (
     StudyTrainer,
     configure_arm,
     differing_results,
+    exclusive_output_dir,
     extract_backbone,
     result_path,
     study_config,
@@ -266,6 +267,18 @@ def test_interrupted_run_resumes_exactly_and_precise_bn_leaves_training_alone(
         assert weights.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(weights[key], value), (other, key)
+
+
+def test_a_run_trains_in_one_process_at_a_time(tmp_path):
+    """A second trainer of the same output directory (a queue started twice, a worker left over
+    from a killed queue) is refused before it writes anything; the directory is free again after."""
+    run = tiny_run(str(tmp_path / "data"), tmp_path / "run")
+    with exclusive_output_dir(run.output_dir):
+        with pytest.raises(RuntimeError, match=f"being trained by process {os.getpid()}"):
+            train_run(run)
+    assert sorted(os.listdir(run.output_dir)) == ["training.lock"]
+    with exclusive_output_dir(run.output_dir):
+        pass
 
 
 def test_planner_resumes_a_run_with_the_threads_it_started_with(tiny_data, tmp_path, monkeypatch):
