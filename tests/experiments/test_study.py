@@ -273,9 +273,9 @@ def test_a_run_trains_in_one_process_at_a_time(tmp_path):
     """A second trainer of the same output directory (a queue started twice, a worker left over
     from a killed queue) is refused before it writes anything; the directory is free again after."""
     run = tiny_run(str(tmp_path / "data"), tmp_path / "run")
-    with exclusive_output_dir(run.output_dir):
-        with pytest.raises(RuntimeError, match=f"being trained by process {os.getpid()}"):
-            train_run(run)
+    with exclusive_output_dir(run.output_dir), pytest.raises(
+            RuntimeError, match=f"being trained by process {os.getpid()}"):
+        train_run(run)
     assert sorted(os.listdir(run.output_dir)) == ["training.lock"]
     with exclusive_output_dir(run.output_dir):
         pass
