@@ -71,7 +71,8 @@ def filter_mean_share(model: nn.Module) -> float:
 
 def measure(condition: str, out: str) -> dict:
     """Box (and mask) AP of `condition`'s BN@16 seed-0 model under OUT on its own validation set,
-    as trained and with its ResNet's filters centred, beside its committed record's AP."""
+    as trained and with its ResNet's filters centred, beside its committed record's AP (None if
+    the repository has no record of it)."""
     run_dir = os.path.join(out, condition, SOURCE_ARM, "seed0")
     weights = os.path.join(run_dir, "model_final.pth")
     if not os.path.exists(weights):
@@ -92,11 +93,13 @@ def measure(condition: str, out: str) -> dict:
         share = filter_mean_share(model)
         convs = centre_filters(model)
         centred = coco_aps(Trainer.test(cfg, model))
-    with open(result_path(os.path.join(_REPO, "docs", "study"), condition, SOURCE_ARM, 0)) as f:
-        record = json.load(f)
+    record_path = result_path(os.path.join(_REPO, "docs", "study"), condition, SOURCE_ARM, 0)
+    record = None  # a model trained here whose record is not committed
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = {k: v for k, v in json.load(f).items() if k.endswith("_AP")}
     return {"condition": condition, "source": f"{SOURCE_ARM} seed 0", "resnet_convs": convs,
-            "filter_mean_share": round(share, 4),
-            "record": {k: v for k, v in record.items() if k.endswith("_AP")},
+            "filter_mean_share": round(share, 4), "record": record,
             "as_trained": as_trained, "centred": centred}
 
 
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
         ["source model", "ResNet filter-mean share", "box AP: record", "as trained", "centred",
          "mask AP: as trained", "centred"],
         [[f"{r['condition']} {r['source']}", f"{r['filter_mean_share']:.2%}",
-          r["record"].get("bbox_AP"), r["as_trained"]["bbox_AP"], r["centred"]["bbox_AP"],
+          (r["record"] or {}).get("bbox_AP", "–"), r["as_trained"]["bbox_AP"], r["centred"]["bbox_AP"],
           r["as_trained"].get("segm_AP", "–"), r["centred"].get("segm_AP", "–")] for r in rows]))
 
 

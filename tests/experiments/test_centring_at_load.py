@@ -1,8 +1,16 @@
+import json
+import os
+
 import pytest
 import torch
 from torch import nn
 
+from mabn_det.engine import Trainer
+from mabn_experiments import centring_at_load
 from mabn_experiments.centring_at_load import centre_filters, filter_mean_share
+from mabn_experiments.conditions import CONDITIONS, TINY_OPTS, register_dataset
+from mabn_experiments.shapes import generate_shapes_dataset
+from mabn_experiments.study import StudyRun, study_config
 
 
 def _detector() -> nn.Module:
@@ -50,3 +58,39 @@ def test_a_resnet_without_convs_is_refused():
     model.backbone.bottom_up = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="holds no conv"):
         centre_filters(model)
+
+
+def test_measure_evaluates_the_source_model_as_trained_then_centred(tmp_path, monkeypatch):
+    """The tool end to end on a tiny BN@16 run of `plain`: it evaluates the trained model with its
+    filters as saved, then centred, and writes both with the provenance."""
+    data = str(generate_shapes_dataset(tmp_path / "data", 8, 4, 64, seed=1, progress=False,
+                                       style="demo"))
+    monkeypatch.setattr(centring_at_load, "prepare_dataset", lambda *args: data)
+    out = tmp_path / "out"
+    run = StudyRun("plain", "BN@16", 0, CONDITIONS["plain"].config_path, "demo", data,
+                   str(out / "plain" / "BN@16" / "seed0"), TINY_OPTS, 1, 0)
+    register_dataset("demo", data, ("study_train", "study_val"))
+    cfg = study_config(run)
+    os.makedirs(run.output_dir)
+    with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    saved = Trainer.build_model(cfg).state_dict()
+    torch.save({"model": saved}, os.path.join(run.output_dir, "model_final.pth"))
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    stem_means = []
+    evaluate = Trainer.test.__func__
+
+    def spy(cls, cfg, model, evaluators=None):
+        stem_means.append(model.state_dict()[stem].mean(dim=(1, 2, 3)).abs().max().item())
+        return evaluate(cls, cfg, model, evaluators)
+
+    monkeypatch.setattr(Trainer, "test", classmethod(spy))
+    results = tmp_path / "centring.json"
+    centring_at_load.main(["--out", str(out), "--condition", "plain", "--results", str(results)])
+    assert stem_means[0] == pytest.approx(saved[stem].mean(dim=(1, 2, 3)).abs().max().item())
+    assert stem_means[0] > 1e-4 and stem_means[1] < 1e-6
+    report = json.loads(results.read_text())
+    row, = report["rows"]
+    assert row["condition"] == "plain" and row["filter_mean_share"] > 0
+    assert set(row["as_trained"]) == set(row["centred"]) == {"bbox_AP", "segm_AP"}
+    assert report["command"].endswith("--condition plain") and report["threads"] == 1
