@@ -12,7 +12,8 @@ hold::
 
 It reads OUT/<condition>/BN@16/seed0/model_final.pth of each `--condition` (trained by
 `tools/compare_norms.py --out OUT`) and that condition's data under OUT/datasets (generated if
-absent), prints a table and writes docs/study/centring_at_load.json.
+absent), prints a table and writes docs/study/centring_at_load.json (`--results`), beside the
+study's run records it compares with.
 """
 import argparse
 import datetime
@@ -69,22 +70,24 @@ def filter_mean_share(model: nn.Module) -> float:
     return removed / total
 
 
-def measure(condition: str, out: str) -> dict:
+def measure(condition: str, out: str, results_dir: str) -> dict:
     """Box (and mask) AP of `condition`'s BN@16 seed-0 model under OUT on its own validation set,
-    as trained and with its ResNet's filters centred, beside its committed record's AP (None if
-    the repository has no record of it)."""
+    as trained and with its ResNet's filters centred, beside the AP of its record in the study's
+    `results_dir` (None where it has no record)."""
     run_dir = os.path.join(out, condition, SOURCE_ARM, "seed0")
     weights = os.path.join(run_dir, "model_final.pth")
     if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} is missing: train it with `python tools/compare_norms.py "
-                                f"--condition {condition} --arms {SOURCE_ARM} --seeds 0 --out {out}`")
+        raise FileNotFoundError(f"{weights} is missing: train it with `python "
+                                f"tools/compare_norms.py --condition {condition} --arms "
+                                f"{SOURCE_ARM} --seeds 0 --out {out}`")
     spec = CONDITIONS[condition]
     names = (f"{condition}_train", f"{condition}_val")
     register_dataset(spec.data, prepare_dataset(spec, os.path.join(out, "datasets")), names)
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(os.path.join(run_dir, "config.yaml"),
-                          ["DATASETS.TRAIN", f"('{names[0]}',)", "DATASETS.TEST", f"('{names[1]}',)",
-                           "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", scratch])
+                          ["DATASETS.TRAIN", f"('{names[0]}',)", "DATASETS.TEST",
+                           f"('{names[1]}',)", "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu",
+                           "OUTPUT_DIR", scratch])
         cfg.freeze()
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model).load(weights)
@@ -93,7 +96,7 @@ def measure(condition: str, out: str) -> dict:
         share = filter_mean_share(model)
         convs = centre_filters(model)
         centred = coco_aps(Trainer.test(cfg, model))
-    record_path = result_path(os.path.join(_REPO, "docs", "study"), condition, SOURCE_ARM, 0)
+    record_path = result_path(results_dir, condition, SOURCE_ARM, 0)
     record = None  # a model trained here whose record is not committed
     if os.path.exists(record_path):
         with open(record_path) as f:
@@ -111,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--results", default=os.path.join(_REPO, "docs", "study",
-                                                          "centring_at_load.json"))
+                                                          "centring_at_load.json"),
+                        help="the JSON to write; the source runs' records are read from its "
+                        "folder (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -119,7 +124,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logger(name="mabn_experiments")
     torch.set_num_threads(args.threads)
-    rows = [measure(condition, args.out) for condition in args.condition]
+    rows = [measure(condition, args.out, os.path.dirname(os.path.abspath(args.results)))
+            for condition in args.condition]
     report = {"rows": rows, "threads": args.threads, "code_commit": code_commit(_REPO),
               "machine": describe_machine(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -132,8 +138,9 @@ def main(argv=None) -> None:
         ["source model", "ResNet filter-mean share", "box AP: record", "as trained", "centred",
          "mask AP: as trained", "centred"],
         [[f"{r['condition']} {r['source']}", f"{r['filter_mean_share']:.2%}",
-          (r["record"] or {}).get("bbox_AP", "–"), r["as_trained"]["bbox_AP"], r["centred"]["bbox_AP"],
-          r["as_trained"].get("segm_AP", "–"), r["centred"].get("segm_AP", "–")] for r in rows]))
+          (r["record"] or {}).get("bbox_AP", "–"), r["as_trained"]["bbox_AP"],
+          r["centred"]["bbox_AP"], r["as_trained"].get("segm_AP", "–"),
+          r["centred"].get("segm_AP", "–")] for r in rows]))
 
 
 if __name__ == "__main__":

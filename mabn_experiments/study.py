@@ -317,8 +317,7 @@ def _train_run(run: StudyRun) -> Dict:
     if started is not None and started != run.threads:
         raise ValueError(f"{run.name} started with {started} torch threads in {run.output_dir}; "
                          f"resume it with {started}, not {run.threads}, or delete that folder")
-    if started is None:
-        os.makedirs(run.output_dir, exist_ok=True)
+    if started is None:  # exclusive_output_dir made the folder
         with open(os.path.join(run.output_dir, THREADS_FILE), "w") as f:
             f.write(str(run.threads))
     torch.set_num_threads(run.threads)

@@ -92,5 +92,6 @@ def test_measure_evaluates_the_source_model_as_trained_then_centred(tmp_path, mo
     report = json.loads(results.read_text())
     row, = report["rows"]
     assert row["condition"] == "plain" and row["filter_mean_share"] > 0
+    assert row["record"] is None  # no record of this run beside the results file
     assert set(row["as_trained"]) == set(row["centred"]) == {"bbox_AP", "segm_AP"}
     assert report["command"].endswith("--condition plain") and report["threads"] == 1
